@@ -1,0 +1,69 @@
+"""Every error deltahub raises on purpose.
+
+Each class also inherits the builtin a caller would naturally catch (``ValueError``, ``KeyError``,
+``RuntimeError``), so ``except ValueError`` keeps working for code that does not know deltahub. Messages say
+what is wrong, the offending value, and how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class DeltahubError(Exception):
+    """Base class of every deltahub error."""
+
+
+def _bulleted(problems: Iterable[str]) -> str:
+    return "\n".join(f"  - {p}" for p in problems)
+
+
+class DeltaFormatError(DeltahubError, ValueError):
+    """A delta file or folder breaks the format contract (see ``docs/format.md``).
+
+    All problems found are collected and reported at once, each naming the parameter or file and the fix.
+    """
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = str(source)
+        self.problems = list(problems)
+        n = len(self.problems)
+        super().__init__(
+            f"invalid deltahub delta at {self.source}: {n} problem{'s' if n != 1 else ''}:\n"
+            + _bulleted(self.problems)
+        )
+
+
+class DeltaExistsError(DeltahubError, FileExistsError):
+    """Saving would replace an existing, non-empty file or folder; pass ``overwrite=True`` to replace it."""
+
+
+class BaseMismatchError(DeltahubError, ValueError):
+    """A delta does not belong to the base model it is applied to (or two deltas disagree about their base)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        self.problems = list(problems or [])
+        if self.problems:
+            message = f"{message}\n{_bulleted(self.problems)}"
+        super().__init__(message)
+
+
+class UnknownMethodError(DeltahubError, ValueError):
+    """A combination method name that is not in the registry."""
+
+
+class MethodOptionError(DeltahubError, ValueError):
+    """A combination method got an option it does not take, or a value outside its range."""
+
+
+class RevertError(DeltahubError, RuntimeError):
+    """Reverting applied deltas would not restore the base exactly."""
+
+
+class ExtractionError(DeltahubError, ValueError):
+    """A fine-tune cannot be expressed as a sparse delta of the given base."""
+
+
+class CheckpointError(DeltahubError, ValueError):
+    """A model folder cannot be read as a safetensors checkpoint (no safetensors weights, a broken index, a
+    missing or unreadable shard)."""

@@ -1,0 +1,1 @@
+"""Sparse Fine-Tuning (SFT): trains ``deltahub.SparseDelta`` objects. Depends on deltahub, never the reverse."""
