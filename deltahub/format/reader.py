@@ -1,0 +1,430 @@
+"""Reading a format-v1 delta (a folder or a lone ``.safetensors`` file) into a :class:`~deltahub.SparseDelta`.
+
+Files may come from strangers, so everything is checked and every problem is collected into one
+:class:`~deltahub.DeltaFormatError`. The order matters for safety: the config and every raw header are checked
+first (sizes against the real file), and only then are tensors memory-mapped through safetensors; their
+contents are checked with vectorised torch operations (no per-element Python) so loading stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .._dtypes import VALUE_DTYPES, dtype_name, index_dtype_for
+from ..delta import ParamDelta, SparseDelta, _param_problems
+from ..errors import DeltaFormatError
+from .config import RESAVE, DeltaConfig, ParamSpec, is_int, parse_config
+from .header import Header, parse_json, read_header
+from .spec import (
+    CONFIG_FILE,
+    DENSE,
+    INDEX_FILE,
+    INDICES,
+    MAX_HEADER_SIZE,
+    SINGLE_FILE,
+    STORAGE_DENSE,
+    STORAGE_SPARSE,
+    SUFFIXES,
+    VALUES,
+    version_problem,
+)
+
+# Beyond this many, more lines would bury the first ones (a corrupt file can produce thousands).
+MAX_PROBLEMS = 50
+
+
+def _fail(source: str, problems: list[str]) -> DeltaFormatError:
+    if len(problems) > MAX_PROBLEMS:
+        extra = len(problems) - MAX_PROBLEMS
+        problems = [*problems[:MAX_PROBLEMS], f"... and {extra} more problems"]
+    return DeltaFormatError(source, problems)
+
+
+def _read_json(path: Path, label: str, problems: list[str]) -> Any:
+    try:
+        # The same ceiling as a safetensors header: reading a stranger's file must not exhaust memory.
+        if path.stat().st_size > MAX_HEADER_SIZE:
+            problems.append(f"{label}: larger than {MAX_HEADER_SIZE} bytes; this is not a delta's JSON file")
+            return None
+        return parse_json(path.read_bytes())
+    except OSError as e:
+        problems.append(f"{label}: cannot be read ({e.strerror or e})")
+    except (ValueError, RecursionError) as e:
+        problems.append(f"{label}: not valid JSON ({str(e)[:200]}); {RESAVE} or fix the file")
+    return None
+
+
+def _check_version(obj: object, where: str, source: str) -> None:
+    if not isinstance(obj, dict):
+        raise _fail(source, [f"{where}: must be a JSON object; {RESAVE}"])
+    problem = version_problem(obj.get("format"), obj.get("format_version"), where)
+    if problem:
+        # Alone on purpose: under another format or major version every other check would be noise.
+        raise _fail(source, [problem])
+
+
+def _header_agrees(header: Header, label: str, obj: dict[str, Any], problems: list[str]) -> None:
+    for key in ("format", "format_version"):
+        if key in header.metadata and header.metadata[key] != obj.get(key):
+            problems.append(
+                f"{label}: header metadata says {key} {header.metadata[key]!r} but the config says "
+                f"{obj.get(key)!r}; the files come from different saves: {RESAVE}"
+            )
+
+
+def _shard_names(index: object, problems: list[str]) -> tuple[list[str], dict[str, str] | None, int | None]:
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        problems.append(
+            f"{INDEX_FILE}: must be an object with a 'weight_map' of tensor name -> shard file; {RESAVE}"
+        )
+        return [], None, None
+    weight_map: dict[str, str] = {}
+    files: dict[str, None] = {}
+    for tensor, fname in index["weight_map"].items():
+        ok = (
+            isinstance(fname, str)
+            and fname.endswith(".safetensors")
+            and fname not in (".", "..")
+            and not any(c in fname for c in "/\\\0:")
+            and fname == os.path.basename(fname)
+        )
+        if not ok:
+            problems.append(
+                f"{INDEX_FILE}: tensor {tensor!r} maps to {str(fname)[:80]!r}; shard files must be plain "
+                f"'*.safetensors' names inside the delta folder (no paths)"
+            )
+            continue
+        weight_map[tensor] = fname
+        files[fname] = None
+    total = None
+    meta = index.get("metadata")
+    if meta is not None:
+        if not isinstance(meta, dict) or ("total_size" in meta and not is_int(meta["total_size"])):
+            problems.append(f"{INDEX_FILE}: 'metadata' must be an object whose 'total_size' is an integer")
+        else:
+            total = meta.get("total_size")
+    return list(files), weight_map, total
+
+
+def _load_tensor(handle: Any, key: str, label: str, problems: list[str]) -> torch.Tensor | None:
+    try:
+        return handle.get_tensor(key)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # SafetensorError, and pyo3's PanicException (a BaseException) on a Rust panic
+        problems.append(f"{label}: tensor {key!r} cannot be read ({str(e)[:200]}); re-download or {RESAVE}")
+        return None
+
+
+def _check_dense(t: torch.Tensor, spec: ParamSpec) -> list[str]:
+    out = []
+    if t.dtype not in VALUE_DTYPES.values():
+        out.append(f"dense values dtype must be one of {', '.join(VALUE_DTYPES)}; got {dtype_name(t.dtype)}")
+    elif tuple(t.shape) != spec.shape:
+        out.append(
+            f"dense tensor has shape {list(t.shape)} but the parameter's declared shape is {list(spec.shape)}"
+        )
+    elif not bool(torch.isfinite(t).all()):
+        out.append(
+            f"{int((~torch.isfinite(t)).sum())} values are NaN or infinite; every value must be finite"
+        )
+    return out
+
+
+def _locate(
+    headers: dict[str, tuple[Path, Header]],
+    weight_map: dict[str, str] | None,
+    total_size: int | None,
+    unread: set[str],
+    problems: list[str],
+) -> dict[str, dict[str, str]]:
+    """``{param: {suffix: file}}`` from the headers themselves; the index is only cross-checked against them."""
+    found: dict[str, dict[str, str]] = {}
+    data_bytes = 0
+    for label, (_, header) in headers.items():
+        for key, entry in header.tensors.items():
+            data_bytes += entry.end - entry.begin
+            suffix = next((s for s in SUFFIXES if key.endswith(s) and len(key) > len(s)), None)
+            if suffix is None:
+                problems.append(
+                    f"{label}: unexpected tensor {key!r}; a delta holds only '<param>.indices', "
+                    f"'<param>.values' and '<param>.dense': remove it"
+                )
+                continue
+            where = found.setdefault(key[: -len(suffix)], {})
+            if suffix in where:
+                problems.append(f"{label}: tensor {key!r} also appears in {where[suffix]}; keep one copy")
+            where[suffix] = label
+            if weight_map is not None and weight_map.get(key) != label:
+                problems.append(
+                    f"{INDEX_FILE}: tensor {key!r} is in {label} but the weight_map says "
+                    f"{weight_map.get(key)!r}; {RESAVE}"
+                )
+    if weight_map is not None:
+        for key, label in weight_map.items():
+            if label in headers and key not in headers[label][1].tensors:
+                problems.append(f"{INDEX_FILE}: lists tensor {key!r} in {label}, which does not contain it")
+        if total_size is not None and total_size != data_bytes and not unread:
+            problems.append(
+                f"{INDEX_FILE}: metadata total_size is {total_size} but the shards hold {data_bytes} bytes"
+            )
+    return found
+
+
+def _layout(
+    cfg: DeltaConfig,
+    found: dict[str, dict[str, str]],
+    weight_map: dict[str, str] | None,
+    unread: set[str],
+    problems: list[str],
+) -> dict[str, tuple[str, str]]:
+    """``{param: (storage, file)}`` for the parameters whose tensors are complete and agree with the config."""
+    for name in found:
+        if name not in cfg.params:
+            problems.append(
+                f"{name!r}: has tensors in the files but no entry in {cfg.where}'s 'parameters'; {RESAVE}"
+            )
+    layout: dict[str, tuple[str, str]] = {}  # name -> (storage, file)
+    for name, spec in cfg.params.items():
+        where = found.get(name)
+        if where is None and spec is None:
+            continue  # its entry is already reported as broken
+        if where is None:
+            # A parameter in a file that could not be read was already reported with that file.
+            in_unread = (
+                bool(unread)
+                if weight_map is None
+                else any(weight_map.get(name + s) in unread for s in SUFFIXES)
+            )
+            if not in_unread:
+                problems.append(
+                    f"{name!r}: listed in {cfg.where} but no tensors for it are in the files; {RESAVE}"
+                )
+            continue
+        parts = set(where)
+        if parts == {DENSE}:
+            storage = STORAGE_DENSE
+        elif parts == {INDICES, VALUES}:
+            storage = STORAGE_SPARSE
+        else:
+            missing = sorted({INDICES, VALUES} - parts) if DENSE not in parts else []
+            problems.append(
+                f"{name!r}: has tensors {sorted(name + s for s in parts)}"
+                + (
+                    f", missing {[name + s for s in missing]}"
+                    if missing
+                    else "; '.dense' excludes the others"
+                )
+                + f"; a parameter is stored as '.indices' + '.values' or as '.dense' alone; {RESAVE}"
+            )
+            continue
+        if len(set(where.values())) > 1:
+            problems.append(f"{name!r}: its tensors are split over {sorted(set(where.values()))}; {RESAVE}")
+            continue
+        if spec is not None and spec.storage != storage:
+            problems.append(
+                f"{name!r}: {cfg.where} says storage {spec.storage!r} but the files store it {storage}"
+            )
+            continue
+        layout[name] = (storage, next(iter(where.values())))
+    return layout
+
+
+def _read_params(
+    cfg: DeltaConfig,
+    layout: dict[str, tuple[str, str]],
+    headers: dict[str, tuple[Path, Header]],
+    problems: list[str],
+) -> dict[str, ParamDelta]:
+    """Memory-map the laid-out parameters and check their contents (vectorised, O(nnz) per parameter)."""
+    params: dict[str, ParamDelta] = {}
+    with contextlib.ExitStack() as stack:
+        handles: dict[str, Any] = {}
+        for name, (storage, label) in layout.items():
+            spec = cfg.params[name]
+            if spec is None:
+                continue
+            if label not in handles:
+                try:
+                    handles[label] = stack.enter_context(safe_open(str(headers[label][0]), framework="pt"))
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as e:  # the header passed our checks, but safetensors has the last word
+                    problems.append(
+                        f"{label}: safetensors cannot open it ({str(e)[:200]}); re-download or {RESAVE}"
+                    )
+                    handles[label] = None
+            handle = handles[label]
+            if handle is None:
+                continue
+            numel = math.prod(spec.shape)
+            if storage == STORAGE_DENSE:
+                t = _load_tensor(handle, name + DENSE, label, problems)
+                if t is None:
+                    continue
+                bad = _check_dense(t, spec)
+                indices = torch.arange(numel, dtype=index_dtype_for(numel))
+                values = t.reshape(-1)
+            else:
+                indices = _load_tensor(handle, name + INDICES, label, problems)
+                values = _load_tensor(handle, name + VALUES, label, problems)
+                if indices is None or values is None:
+                    continue
+                bad = _param_problems(indices, values, spec.shape, spec.dtype)
+                if not bad and indices.numel() != spec.nnz:
+                    bad.append(
+                        f"{cfg.where} says nnz {spec.nnz} but the file holds {indices.numel()} entries"
+                    )
+            if bad:
+                problems.extend(f"{name!r} (in {label}): {b}" for b in bad)
+                continue
+            params[name] = ParamDelta._trusted(indices, values, spec.shape, spec.dtype)
+    return params
+
+
+def _assemble(
+    source: str,
+    cfg: DeltaConfig,
+    headers: dict[str, tuple[Path, Header]],
+    weight_map: dict[str, str] | None,
+    total_size: int | None,
+    problems: list[str],
+    unread: set[str],
+) -> SparseDelta:
+    found = _locate(headers, weight_map, total_size, unread, problems)
+    layout = _layout(cfg, found, weight_map, unread, problems)
+    params = _read_params(cfg, layout, headers, problems)
+    if not problems:
+        _check_totals(cfg, params, problems)
+    if problems:
+        raise _fail(source, problems)
+    fingerprint = {n: s.samples for n, s in cfg.params.items() if s is not None and s.samples is not None}
+    return SparseDelta(
+        params,
+        base_model=cfg.base_model,
+        base_revision=cfg.base_revision,
+        fingerprint=fingerprint,
+        provenance=cfg.provenance,
+        origin={"path": source},
+    )
+
+
+def _check_totals(cfg: DeltaConfig, params: dict[str, ParamDelta], problems: list[str]) -> None:
+    nnz = sum(p.nnz for p in params.values())
+    numel = sum(p.numel for p in params.values())
+    for key, actual in (("nnz", nnz), ("numel", numel)):
+        if key in cfg.totals and cfg.totals[key] != actual:
+            problems.append(
+                f"{cfg.where}: total {key} is {cfg.totals[key]} but the parameters add up to {actual}"
+            )
+    density = nnz / numel if numel else 0.0
+    if "density" in cfg.totals and not math.isclose(
+        cfg.totals["density"], density, rel_tol=1e-6, abs_tol=1e-12
+    ):
+        problems.append(f"{cfg.where}: density is {cfg.totals['density']} but nnz/numel is {density}")
+    if cfg.values_dtype in VALUE_DTYPES:
+        wrong = sorted(n for n, p in params.items() if dtype_name(p.values.dtype) != cfg.values_dtype)
+        if wrong:
+            problems.append(
+                f"{cfg.where}: values_dtype is {cfg.values_dtype!r} but {wrong[:5]} have other value dtypes; "
+                "set it to 'mixed' or cast the values"
+            )
+
+
+def _load_folder(folder: Path, source: str) -> SparseDelta:
+    problems: list[str] = []
+    if not (folder / CONFIG_FILE).is_file():
+        raise _fail(
+            source, [f"{CONFIG_FILE} is missing; a delta folder needs it (or load one .safetensors file)"]
+        )
+    obj = _read_json(folder / CONFIG_FILE, CONFIG_FILE, problems)
+    if problems:
+        raise _fail(source, problems)
+    _check_version(obj, CONFIG_FILE, source)
+    cfg = parse_config(obj, CONFIG_FILE, problems)
+
+    weight_map, total_size = None, None
+    has_index, has_single = (folder / INDEX_FILE).exists(), (folder / SINGLE_FILE).exists()
+    if has_index and has_single:
+        problems.append(f"both {SINGLE_FILE} and {INDEX_FILE} exist; remove the stale one (or {RESAVE})")
+        files: list[str] = []
+    elif has_index:
+        files, weight_map, total_size = _shard_names(
+            _read_json(folder / INDEX_FILE, INDEX_FILE, problems), problems
+        )
+    elif has_single:
+        files = [SINGLE_FILE]
+    else:
+        problems.append(f"no {SINGLE_FILE} and no {INDEX_FILE}: the tensor files are missing; {RESAVE}")
+        files = []
+
+    headers: dict[str, tuple[Path, Header]] = {}
+    for label in files:
+        path = folder / label
+        if not path.is_file():
+            problems.append(
+                f"{label}: listed in {INDEX_FILE} but missing from the folder; re-download the delta"
+            )
+            continue
+        header, bad = read_header(path, label)
+        problems.extend(bad)
+        if header is not None:
+            _header_agrees(header, label, obj, problems)
+            headers[label] = (path, header)
+    unread = set(files) - set(headers)
+    return _assemble(source, cfg, headers, weight_map, total_size, problems, unread)
+
+
+def _load_file(path: Path, source: str) -> SparseDelta:
+    label = path.name
+    header, problems = read_header(path, label)
+    if header is None:
+        raise _fail(source, problems)
+    where = f"{label} header 'delta_config'"
+    if "delta_config" not in header.metadata:
+        raise _fail(
+            source,
+            [
+                f"{label}: header metadata has no 'delta_config'; load the delta folder it belongs to, or {RESAVE}"
+            ],
+        )
+    try:
+        obj = parse_json(header.metadata["delta_config"])
+    except (ValueError, RecursionError) as e:
+        raise _fail(source, [f"{where}: not valid JSON ({str(e)[:200]}); {RESAVE}"]) from None
+    _check_version(obj, where, source)
+    _header_agrees(header, label, obj, problems)
+    cfg = parse_config(obj, where, problems)
+    return _assemble(source, cfg, {label: (path, header)}, None, None, problems, set())
+
+
+def load_delta(path: str | os.PathLike[str]) -> SparseDelta:
+    """Load a delta saved by :func:`save_delta` (or written by hand following ``docs/format.md``).
+
+    Args:
+        path: a delta folder, or a single ``.safetensors`` file of one (its header carries its config).
+
+    Returns:
+        The :class:`~deltahub.SparseDelta`, with ``origin={"path": str(path)}``.
+
+    Raises:
+        DeltaFormatError: anything about the files breaks the format; lists every problem found.
+        FileNotFoundError: nothing exists at ``path``.
+
+    Example:
+        >>> delta = load_delta("out/my-delta")
+    """
+    source = os.fspath(path)
+    p = Path(source)
+    if p.is_dir():
+        return _load_folder(p, source)
+    if p.is_file():
+        return _load_file(p, source)
+    raise FileNotFoundError(f"no delta at {source}: expected a delta folder or a .safetensors file")

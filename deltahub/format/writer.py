@@ -1,0 +1,202 @@
+"""Writing a :class:`~deltahub.SparseDelta` as a format-v1 folder (see ``docs/format.md``)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .._dtypes import index_dtype_for
+from ..card import model_card
+from ..delta import ParamDelta, SparseDelta
+from ..errors import DeltaExistsError
+from .config import build_config, config_text, dumps, stored_densely
+from .spec import (
+    CARD_FILE,
+    CONFIG_FILE,
+    DEFAULT_MAX_SHARD_SIZE,
+    DENSE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    INDICES,
+    SINGLE_FILE,
+    VALUES,
+    parse_size,
+    shard_name,
+)
+
+
+def _param_tensors(name: str, p: ParamDelta) -> dict[str, torch.Tensor]:
+    if stored_densely(p):
+        return {name + DENSE: p.values.reshape(p.shape)}
+    return {name + INDICES: p.indices.to(index_dtype_for(p.numel)), name + VALUES: p.values}
+
+
+def _param_bytes(p: ParamDelta) -> int:
+    if stored_densely(p):
+        return p.numel * p.values.element_size()
+    return p.nnz * (torch.empty(0, dtype=index_dtype_for(p.numel)).element_size() + p.values.element_size())
+
+
+def plan_shards(delta: SparseDelta, max_bytes: int) -> list[list[str]]:
+    """Parameter names per shard: in order, greedily filled up to ``max_bytes`` of tensor data.
+
+    A parameter never straddles shards; one larger than ``max_bytes`` gets a shard of its own.
+    """
+    sizes = {n: _param_bytes(p) for n, p in delta.items()}
+    if sum(sizes.values()) <= max_bytes:
+        return [list(delta)]
+    shards: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name, size in sizes.items():
+        if current and used + size > max_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    shards.append(current)
+    return shards
+
+
+def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share memory (values sliced from one buffer, say): copy those.
+    seen: set[int] = set()
+    out = {}
+    for key, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+                ptr = t.untyped_storage().data_ptr()
+            seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def _write_files(delta: SparseDelta, folder: Path, config: str, max_bytes: int) -> None:
+    shards = plan_shards(delta, max_bytes)
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    for i, names in enumerate(shards, start=1):
+        fname = SINGLE_FILE if len(shards) == 1 else shard_name(i, len(shards))
+        tensors: dict[str, torch.Tensor] = {}
+        for name in names:
+            tensors.update(_param_tensors(name, delta[name]))
+        tensors = _storable(tensors)
+        metadata = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "delta_config": dumps(build_config(delta, names), separators=(",", ":")),
+        }
+        save_file(tensors, str(folder / fname), metadata=metadata)
+        for key, t in tensors.items():
+            weight_map[key] = fname
+            total_size += t.numel() * t.element_size()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        (folder / INDEX_FILE).write_text(dumps(index, indent=2) + "\n", encoding="utf-8")
+    (folder / CONFIG_FILE).write_text(config, encoding="utf-8")
+    (folder / CARD_FILE).write_text(model_card(delta), encoding="utf-8")
+
+
+def _occupied(target: Path) -> bool:
+    if target.is_symlink() or target.is_file():
+        return True
+    return target.is_dir() and any(target.iterdir())
+
+
+def _fresh_sibling(target: Path, tag: str) -> Path:
+    # os.mkdir rather than tempfile.mkdtemp: mkdtemp's 0o700 mode would survive the rename and hide the delta
+    # from other users; mkdir honours the umask like any folder the user creates.
+    while True:
+        candidate = target.parent / f".{target.name}.{tag}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _install(tmp: Path, target: Path, overwrite: bool) -> None:
+    if not (target.exists() or target.is_symlink()):
+        os.replace(tmp, target)
+        return
+    if not _occupied(target):
+        target.rmdir()
+        os.replace(tmp, target)
+        return
+    if not overwrite:
+        raise DeltaExistsError(f"{target} already exists and is not empty; pass overwrite=True to replace it")
+    # Move the old delta aside first so that at every instant the target is either the old or the new delta.
+    old = _fresh_sibling(target, "old")
+    os.rmdir(old)
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    _remove(old)
+
+
+def save_delta(
+    delta: SparseDelta,
+    path: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``delta`` as a format-v1 folder at ``path``, atomically.
+
+    The files are written into a hidden sibling folder and renamed into place at the end, so an interrupted
+    save never leaves anything that looks like a finished delta.
+
+    Args:
+        delta: the delta to save; values are written in their own dtype.
+        path: the folder to create.
+        max_shard_size: bytes per file before sharding: an int or a string like ``"500MB"`` or ``"2GiB"``.
+        overwrite: replace an existing non-empty ``path``.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        DeltaExistsError: ``path`` exists, is not empty, and ``overwrite`` is False.
+        ValueError: a bad ``max_shard_size``, or provenance that is not JSON.
+
+    Example:
+        >>> save_delta(delta, "out/my-delta", max_shard_size="2GB")
+        PosixPath('out/my-delta')
+    """
+    if not isinstance(delta, SparseDelta):
+        raise TypeError(f"save_delta expects a SparseDelta; got {type(delta).__name__}")
+    max_bytes = parse_size(max_shard_size)
+    target = Path(path)
+    if not target.name or target.name in (".", ".."):
+        raise ValueError(f"save_delta needs a folder path with a name; got {os.fspath(path)!r}")
+    if _occupied(target) and not overwrite:
+        raise DeltaExistsError(f"{target} already exists and is not empty; pass overwrite=True to replace it")
+    text = config_text(build_config(delta))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _fresh_sibling(target, "tmp")
+    try:
+        _write_files(delta, tmp, text, max_bytes)
+        _install(tmp, target, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,290 @@
+"""Fuzzing the reader: whatever the bytes, loading either succeeds or raises DeltaFormatError, nothing else."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from deltahub import DeltaFormatError, ParamDelta, SparseDelta
+from deltahub.format import load_delta, save_delta
+
+FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+
+
+def load_or_format_error(path: Path) -> SparseDelta | None:
+    """Load ``path``; a DeltaFormatError is an accepted outcome, any other exception fails the test."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return load_delta(path)
+    except DeltaFormatError as e:
+        assert e.problems and all(isinstance(p, str) and p for p in e.problems)
+        return None
+
+
+def _reference() -> tuple[bytes, dict[str, bytes]]:
+    delta = SparseDelta(
+        {
+            "a": ParamDelta(torch.tensor([0, 2, 5]), torch.tensor([1.0, -2.0, 0.5]), (2, 3), torch.float32),
+            "b": ParamDelta(torch.arange(4), torch.ones(4, dtype=torch.bfloat16), (4,), torch.bfloat16),
+        },
+        base_model="tiny/base",
+        fingerprint={"a": (0.0,) * 8},
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        single = save_delta(delta, Path(tmp) / "one")
+        sharded = save_delta(delta, Path(tmp) / "many", max_shard_size=1)
+        return (single / "delta.safetensors").read_bytes(), {
+            p.name: p.read_bytes() for p in sharded.iterdir()
+        }
+
+
+SINGLE_BYTES, SHARDED_FILES = _reference()
+INDEX = "delta.safetensors.index.json"
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def write(folder: Path, files: dict[str, bytes]) -> Path:
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+@FUZZ
+@given(st.binary(max_size=400))
+def test_random_bytes(data):
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "x.safetensors"
+        file.write_bytes(data)
+        assert load_or_format_error(file) is None
+
+
+DATA_START = 8 + int.from_bytes(SINGLE_BYTES[:8], "little")
+# Half the edits land in the data region, where the header stays valid and the tensor checks must catch them.
+positions = st.integers(0, DATA_START - 1) | st.integers(DATA_START, len(SINGLE_BYTES) - 1)
+
+
+@FUZZ
+@given(
+    st.lists(st.tuples(positions, st.integers(0, 255)), min_size=1, max_size=6),
+    st.one_of(st.none(), st.integers(0, len(SINGLE_BYTES))),
+    st.booleans(),
+)
+def test_mutated_valid_file(edits, cut, as_folder):
+    data = bytearray(SINGLE_BYTES)
+    for pos, byte in edits:
+        data[pos] = byte
+    if cut is not None:
+        data = data[:cut]
+    with tempfile.TemporaryDirectory() as tmp:
+        if as_folder:
+            files = {**SHARDED_FILES, "delta-00001-of-00002.safetensors": bytes(data)}
+            path = write(Path(tmp) / "d", files)
+        else:
+            path = Path(tmp) / "x.safetensors"
+            path.write_bytes(bytes(data))
+        load_or_format_error(path)
+
+
+NAMES = ["a.indices", "a.values", "a.dense", "b.dense", "b.values", "c", "__metadata__", ".indices"]
+DTYPES = ["F32", "BF16", "F16", "I32", "I64", "F64", "U8", "BOOL", 7, None, ["F32"]]
+
+
+@st.composite
+def headers(draw):
+    """A header dict and data bytes; with ``tidy``, offsets are laid out consistently so safetensors reads it."""
+    tidy = draw(st.booleans())
+    header: dict = {}
+    offset = 0
+    for name in draw(st.lists(st.sampled_from(NAMES[:6]), unique=True, max_size=4)):
+        dtype = draw(st.sampled_from(DTYPES[:5] if tidy else DTYPES))
+        shape = draw(st.lists(st.integers(0, 4) if tidy else st.integers(-2, 2**33), max_size=3))
+        if tidy:
+            size = math.prod(shape) * {"F32": 4, "BF16": 2, "F16": 2, "I32": 4, "I64": 8}[dtype]
+            offsets = [offset, offset + size]
+            offset += size
+        else:
+            offsets = draw(st.lists(st.integers(-1, 64), min_size=0, max_size=3))
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+    mode = draw(st.sampled_from(["none", "consistent", "random"]))
+    if mode == "consistent":
+        # A config that matches the tensors, so loading gets as far as checking the data bytes.
+        params = {}
+        for name, info in header.items():
+            base, _, suffix = name.rpartition(".")
+            if suffix == "dense":
+                shape = info["shape"]
+                params[base] = {
+                    "shape": shape,
+                    "dtype": "float32",
+                    "nnz": math.prod(shape),
+                    "storage": "dense",
+                }
+            elif suffix in ("indices", "values") and base not in params:
+                n = info["shape"][0] if len(info["shape"]) == 1 else 0
+                params[base] = {
+                    "shape": [draw(st.integers(n, n + 64))],
+                    "dtype": "float32",
+                    "nnz": n,
+                    "storage": "sparse",
+                }
+        config = {"format": "deltahub.sparse_delta", "format_version": "1.0", "parameters": params}
+        header["__metadata__"] = {"delta_config": json.dumps(config)}
+    elif mode == "random":
+        params = draw(
+            st.dictionaries(
+                st.sampled_from(["a", "b", "c"]),
+                st.fixed_dictionaries(
+                    {
+                        "shape": st.lists(st.integers(0, 4), max_size=2),
+                        "dtype": st.sampled_from(["float32", "bfloat16", "int8"]),
+                        "nnz": st.integers(0, 8),
+                        "storage": st.sampled_from(["sparse", "dense"]),
+                    }
+                ),
+                max_size=3,
+            )
+        )
+        config = {
+            "format": "deltahub.sparse_delta",
+            "format_version": draw(st.sampled_from(["1.0", "1.3", "2.0"])),
+        }
+        config["parameters"] = params
+        header["__metadata__"] = {"delta_config": json.dumps(config)}
+    data = draw(st.binary(min_size=offset, max_size=offset)) if tidy else draw(st.binary(max_size=64))
+    return header, data
+
+
+@FUZZ
+@given(headers(), st.one_of(st.none(), st.integers(0, 2**64 - 1)))
+def test_json_headers(header_and_data, length):
+    header, data = header_and_data
+    text = json.dumps(header).encode()
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "x.safetensors"
+        file.write_bytes(struct.pack("<Q", len(text) if length is None else length) + text + data)
+        load_or_format_error(file)
+
+
+FILE_NAMES = st.sampled_from(
+    [
+        "delta-00001-of-00002.safetensors",
+        "delta-00002-of-00002.safetensors",
+        "delta-00003-of-00002.safetensors",
+        "../delta-00001-of-00002.safetensors",
+        "/etc/passwd",
+        "sub/x.safetensors",
+        "delta_config.json",
+        ".",
+        "",
+    ]
+)
+
+
+@FUZZ
+@given(
+    st.dictionaries(
+        st.sampled_from(["a.indices", "a.values", "b.dense", "ghost.values"]) | st.text(max_size=6),
+        FILE_NAMES | json_scalars,
+        max_size=5,
+    ),
+    st.one_of(
+        st.none(), json_values, st.fixed_dictionaries({"total_size": st.integers(-5, 100) | json_scalars})
+    ),
+    st.booleans(),
+)
+def test_index_contents(weight_map, metadata, raw):
+    index: dict = {"weight_map": weight_map}
+    if metadata is not None:
+        index["metadata"] = metadata
+    text = json.dumps(index) if not raw else json.dumps(weight_map)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write(Path(tmp) / "d", {**SHARDED_FILES, INDEX: text.encode()})
+        load_or_format_error(folder)
+
+
+CONFIG_KEYS = [
+    "format",
+    "format_version",
+    "base_model",
+    "values_dtype",
+    "nnz",
+    "numel",
+    "density",
+    "parameters",
+    "fingerprint",
+    "provenance",
+    "base_revision",
+]
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(CONFIG_KEYS), json_values), max_size=3), json_values, st.booleans())
+def test_config_contents(changes, param_entry, touch_param):
+    config = json.loads(SHARDED_FILES["delta_config.json"])
+    for key, value in changes:
+        config[key] = value
+    if touch_param and isinstance(config.get("parameters"), dict):
+        config["parameters"]["a"] = param_entry
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write(Path(tmp) / "d", {**SHARDED_FILES, "delta_config.json": json.dumps(config).encode()})
+        load_or_format_error(folder)
+
+
+values_strategy = st.floats(width=32, allow_nan=True, allow_infinity=True)
+
+
+@FUZZ
+@given(
+    st.lists(st.integers(0, 4), min_size=1, max_size=2),
+    st.lists(st.tuples(st.integers(-3, 20), values_strategy), max_size=12),
+    st.sampled_from([torch.int32, torch.int64]),
+    st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+)
+def test_index_value_arrays(shape, entries, index_dtype, values_dtype):
+    """Arbitrary index/value arrays load exactly when they satisfy the invariants, and then round-trip."""
+    idx = torch.tensor([i for i, _ in entries], dtype=index_dtype)
+    vals = torch.tensor([v for _, v in entries], dtype=torch.float32).to(values_dtype)
+    numel = math.prod(shape)
+    config = {
+        "format": "deltahub.sparse_delta",
+        "format_version": "1.0",
+        "parameters": {"w": {"shape": shape, "dtype": "float32", "nnz": len(entries), "storage": "sparse"}},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "d"
+        folder.mkdir()
+        save_file({"w.indices": idx, "w.values": vals}, str(folder / "delta.safetensors"))
+        (folder / "delta_config.json").write_text(json.dumps(config))
+        loaded = load_or_format_error(folder)
+        valid = (
+            all(0 <= i < numel for i in idx.tolist())
+            and all(a < b for a, b in zip(idx.tolist(), idx.tolist()[1:], strict=False))
+            and bool(torch.isfinite(vals).all())
+        )
+        assert (loaded is not None) == valid
+        if loaded is not None:
+            assert torch.equal(loaded["w"].indices.to(torch.int64), idx.to(torch.int64))
+            assert torch.equal(loaded["w"].values.view(torch.uint8), vals.view(torch.uint8))
