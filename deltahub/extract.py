@@ -1,0 +1,306 @@
+"""Extraction: a full fine-tune and its base give a sparse delta (the top-k entries of ``|finetuned - base|``).
+
+Both models are read through :func:`deltahub.checkpoint.as_tensor_source`, one parameter pair at a time, so
+extracting from two checkpoint folders never holds more than one parameter of each (plus the kept entries).
+Differences are computed in float32; exact zeros are never stored.
+
+Selection is deterministic: entries above the k-th largest magnitude are kept, and ties at that magnitude are
+broken by parameter order (names sorted with numbers compared as numbers, so ``layers.2`` precedes
+``layers.10``, whatever order the source stores them in) and then by flat position.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._dtypes import BASE_DTYPES, VALUE_DTYPES, dtype_name, parse_dtype
+from .checkpoint import Checkpoint, TensorSource, as_tensor_source
+from .delta import ParamDelta, SparseDelta
+from .errors import ExtractionError
+from .fingerprint import tensor_samples
+
+ModelLike = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike | TensorSource
+_FLOATING = frozenset(BASE_DTYPES.values())
+
+
+def extract_delta(
+    base: ModelLike,
+    finetuned: ModelLike,
+    *,
+    density: float | None = None,
+    num: int | None = None,
+    scope: str = "parameter",
+    values_dtype: torch.dtype | str = torch.float32,
+    on_mismatch: str = "error",
+    include: str | re.Pattern[str] | Callable[[str], bool] | None = None,
+    progress: bool = True,
+) -> SparseDelta:
+    """The sparse delta that best approximates ``finetuned - base`` with a budget of entries.
+
+    Args:
+        base, finetuned: each an ``nn.Module``, a state dict, or a folder written by ``save_pretrained``
+            (read lazily, tensor by tensor). Tied aliases count once, under their first name.
+        density: fraction of entries to keep, in (0, 1]. Give exactly one of ``density`` and ``num``.
+        num: number of entries to keep over all parameters.
+        scope: ``"parameter"``: each parameter keeps ``round(density * numel)`` entries (with ``num``, its share
+            ``floor(num * numel / total)``); ``"global"``: the top entries over all parameters together, found in
+            two streaming passes (the first keeps only a running top-k of magnitudes).
+        values_dtype: dtype of the stored values (float32, bfloat16 or float16), cast from the float32 difference.
+        on_mismatch: ``"error"`` raises :class:`ExtractionError` listing every tensor that is in only one model,
+            has different shapes (a resized embedding, say) or is not floating-point and differs; ``"skip"``
+            leaves them out and records their names in ``provenance["skipped"]``. Non-floating tensors that are
+            equal in both models carry no change and are ignored.
+        include: only consider names matching this regex (``re.search``) or for which this callable is true.
+        progress: show a progress bar over parameters (hidden anyway when not writing to a terminal).
+
+    Returns:
+        A :class:`SparseDelta` on ``base`` (its ``base_model`` is the base's model id), fingerprinted on the base
+        values, with ``provenance = {"method": "extract", "density" or "num", "scope", "finetuned", "skipped"}``.
+
+    Example:
+        >>> delta = extract_delta("models/llama-base", "models/llama-sft", density=0.01, scope="global")
+        >>> save_delta(delta, "deltas/llama-sft-1pct")
+    """
+    budget = _check_options(density, num, scope, on_mismatch)
+    values_dtype = parse_dtype(values_dtype, allowed=VALUE_DTYPES, what="values_dtype")
+    match = _matcher(include)
+    base_src, ft_src = as_tensor_source(base), None
+    try:
+        ft_src = as_tensor_source(finetuned)
+        names, skipped = _pair_up(base_src, ft_src, match, on_mismatch)
+        sizes = {n: math.prod(base_src.shape(n)) for n in names}
+        total = sum(sizes.values())
+        if scope == "global":
+            k = min(_budget(budget, total, total), total)
+            params, fingerprint = _extract_global(base_src, ft_src, sizes, k, values_dtype, progress)
+        else:
+            ks = {n: min(_budget(budget, size, total), size) for n, size in sizes.items()}
+            params, fingerprint = _extract(base_src, ft_src, ks, None, values_dtype, progress, "extract")
+    finally:
+        # Close only what we opened: a Checkpoint passed in belongs to the caller.
+        for given, src in ((base, base_src), (finetuned, ft_src)):
+            if isinstance(src, Checkpoint) and not isinstance(given, Checkpoint):
+                src.close()
+    provenance: dict[str, Any] = {
+        "method": "extract",
+        budget[0]: budget[1],
+        "scope": scope,
+        "finetuned": ft_src.model_id,
+        "skipped": skipped,
+    }
+    return SparseDelta(params, base_model=base_src.model_id, fingerprint=fingerprint, provenance=provenance)
+
+
+def _check_options(density: Any, num: Any, scope: str, on_mismatch: str) -> tuple[str, float | int]:
+    if (density is None) == (num is None):
+        raise ValueError(
+            f"give exactly one of density (a fraction in (0, 1]) or num (a number of entries); got "
+            f"density={density!r}, num={num!r}"
+        )
+    if scope not in ("parameter", "global"):
+        raise ValueError(f"scope must be 'parameter' or 'global'; got {scope!r}")
+    if on_mismatch not in ("error", "skip"):
+        raise ValueError(f"on_mismatch must be 'error' or 'skip'; got {on_mismatch!r}")
+    if density is not None:
+        if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
+            raise ValueError(f"density must be a fraction in (0, 1], e.g. 0.01 for 1%; got {density!r}")
+        return "density", float(density)
+    if isinstance(num, bool) or not isinstance(num, numbers.Integral) or num <= 0:
+        raise ValueError(f"num must be a positive integer number of entries; got {num!r}")
+    return "num", int(num)
+
+
+def _budget(budget: tuple[str, float | int], size: int, total: int) -> int:
+    kind, amount = budget
+    if kind == "density":
+        return round(amount * size)
+    # Integer arithmetic: a float product would misround for counts beyond 2**53.
+    return int(amount) * size // total if total else 0
+
+
+def _matcher(include: Any) -> Callable[[str], bool]:
+    if include is None:
+        return lambda name: True
+    if isinstance(include, str):
+        try:
+            include = re.compile(include)
+        except re.error as err:
+            raise ValueError(f"include={include!r} is not a valid regular expression: {err}") from err
+    if isinstance(include, re.Pattern):
+        return lambda name: include.search(name) is not None
+    if callable(include):
+        return include
+    raise TypeError(
+        f"include must be a regex string, a compiled pattern or a callable; got {type(include).__name__}"
+    )
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key comparing digit runs as numbers: ``layers.2`` before ``layers.10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _pair_up(
+    base: TensorSource, ft: TensorSource, match: Callable[[str], bool], on_mismatch: str
+) -> tuple[list[str], list[str]]:
+    """The names to extract (in selection order) and those left out, checked from headers before any work."""
+    # A TensorSource promises keys(), not iteration.
+    base_names = {n for n in base.keys() if match(n)}  # noqa: SIM118
+    ft_names = {n for n in ft.keys() if match(n)}  # noqa: SIM118
+    names, problems, skipped = [], [], []
+    for name in sorted(base_names | ft_names, key=natural_key):
+        problem = None
+        if name not in ft_names:
+            problem = f"{name}: only in the base (shape {list(base.shape(name))})"
+        elif name not in base_names:
+            problem = f"{name}: only in the fine-tune (shape {list(ft.shape(name))})"
+        elif base.shape(name) != ft.shape(name):
+            problem = (
+                f"{name}: shape {list(base.shape(name))} in the base, {list(ft.shape(name))} in the fine-tune"
+            )
+        elif base.dtype(name) not in _FLOATING or ft.dtype(name) not in _FLOATING:
+            bd, fd = base.dtype(name), ft.dtype(name)
+            if bd in _FLOATING or fd in _FLOATING or bd != fd:
+                problem = f"{name}: dtype {dtype_name(bd)} in the base, {dtype_name(fd)} in the fine-tune"
+            else:
+                # Integer buffers are small; only a changed one is a problem, since a delta cannot carry it.
+                b = base.get(name)
+                if torch.equal(b, ft.get(name).to(b.device)):
+                    continue
+                problem = f"{name}: non-floating ({dtype_name(bd)}) and changed, which a delta cannot express"
+        if problem is None:
+            names.append(name)
+        else:
+            problems.append(problem)
+            skipped.append(name)
+    if problems and on_mismatch == "error":
+        raise ExtractionError(
+            f"the base and the fine-tune do not line up on {len(problems)} tensor(s):\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + "\nExtract the rest with on_mismatch='skip' (the names are recorded in provenance['skipped']), or "
+            "restrict the parameters with include= (a regex or a callable on names)."
+        )
+    if not names:
+        considered = sorted(base.keys(), key=natural_key)
+        raise ExtractionError(
+            f"nothing to extract: no floating-point tensor of the base is selected (include matched "
+            f"{len(base_names)} of {len(considered)} base tensors, {len(skipped)} skipped); base names look like "
+            f"{considered[:3]}"
+        )
+    return names, skipped
+
+
+def _abs_diff(base_t: torch.Tensor, ft_t: torch.Tensor) -> torch.Tensor:
+    """``|ft - base|`` flattened, in float32, with one float32 allocation (the signed values are recomputed
+    later at the kept positions only)."""
+    diff = ft_t.reshape(-1).to(device=base_t.device, dtype=torch.float32, copy=True)
+    diff.sub_(base_t.reshape(-1))
+    return diff.abs_()
+
+
+def _threshold(mag: torch.Tensor, k: int) -> tuple[float, int]:
+    """The k-th largest magnitude and how many entries equal to it the top k include."""
+    top = torch.topk(mag, k, sorted=False).values
+    t = top.min()
+    return float(t), k - int((top > t).sum())
+
+
+def _positions(mag: torch.Tensor, threshold: float, ties: int) -> torch.Tensor:
+    """Sorted flat positions above ``threshold``, plus the first ``ties`` positions equal to it (none at zero:
+    an exact zero is no change)."""
+    keep = mag > threshold
+    if ties > 0 and threshold > 0:
+        keep[torch.nonzero(mag == threshold).flatten()[:ties]] = True
+    return torch.nonzero(keep).flatten()
+
+
+def _extract(
+    base: TensorSource,
+    ft: TensorSource,
+    ks: Mapping[str, int],
+    cut: tuple[float, int] | None,
+    values_dtype: torch.dtype,
+    progress: bool,
+    desc: str,
+) -> tuple[dict[str, ParamDelta], dict[str, tuple[float, ...]]]:
+    """One pass keeping, per parameter, its own top ``ks[name]``, or (``cut`` given) the entries above a global
+    threshold plus the global budget of ties, in parameter order."""
+    params, fingerprint, bad = {}, {}, []
+    ties_left = cut[1] if cut else 0
+    for name, k in tqdm(ks.items(), desc=desc, unit="tensor", disable=None if progress else True):
+        if k <= 0:
+            continue  # nothing to keep: do not even read the tensors
+        base_t, ft_t = base.get(name), ft.get(name)
+        mag = _abs_diff(base_t, ft_t)
+        if cut is None:
+            if not bool(torch.isfinite(mag).all()):
+                bad.append(name)
+                continue
+            threshold, ties = _threshold(mag, k)
+        else:
+            threshold, ties = cut[0], ties_left
+        idx = _positions(mag, threshold, ties)
+        if cut is not None and threshold > 0:
+            ties_left -= int((mag[idx] == threshold).sum())
+        del mag
+        if idx.numel() == 0:
+            continue
+        # Same float32 subtraction as in _abs_diff, so the stored value is exactly the difference selected on.
+        vals = ft_t.reshape(-1)[idx.to(ft_t.device)].to(base_t.device, torch.float32)
+        vals = (vals - base_t.reshape(-1)[idx].to(torch.float32)).to(values_dtype)
+        if not bool(torch.isfinite(vals).all()):
+            bad.append(
+                f"{name} (a difference overflows {dtype_name(values_dtype)}: use values_dtype=torch.float32)"
+            )
+            continue
+        params[name] = ParamDelta._trusted(idx.cpu(), vals.cpu(), tuple(base_t.shape), base_t.dtype)
+        fingerprint[name] = tensor_samples(name, base_t)
+    _raise_non_finite(bad)
+    return params, fingerprint
+
+
+def _extract_global(
+    base: TensorSource,
+    ft: TensorSource,
+    sizes: Mapping[str, int],
+    k: int,
+    values_dtype: torch.dtype,
+    progress: bool,
+) -> tuple[dict[str, ParamDelta], dict[str, tuple[float, ...]]]:
+    """Global top-k in two streaming passes: pass 1 merges each parameter's top-k magnitudes into a running top-k
+    (about 2k floats, never all differences) to find the threshold; pass 2 keeps the entries at or above it."""
+    if k <= 0:
+        return {}, {}
+    running = torch.empty(0, dtype=torch.float32)
+    bad = []
+    for name in tqdm(sizes, desc="extract (1/2)", unit="tensor", disable=None if progress else True):
+        mag = _abs_diff(base.get(name), ft.get(name))
+        if not bool(torch.isfinite(mag).all()):
+            bad.append(name)
+            continue
+        local = torch.topk(mag, min(k, mag.numel()), sorted=False).values.cpu()
+        del mag
+        merged = torch.cat([running, local])
+        running = torch.topk(merged, min(k, merged.numel()), sorted=False).values
+    _raise_non_finite(bad)
+    # k never exceeds the total, so the running top-k is full and its minimum is the k-th largest magnitude.
+    threshold = running.min()
+    cut = (float(threshold), k - int((running > threshold).sum()))
+    return _extract(base, ft, dict.fromkeys(sizes, k), cut, values_dtype, progress, "extract (2/2)")
+
+
+def _raise_non_finite(bad: list[str]) -> None:
+    if bad:
+        raise ExtractionError(
+            f"{len(bad)} parameter(s) have NaN or infinite differences, which a delta cannot store: {bad}. "
+            "Check the fine-tune's weights (a diverged run?), or leave them out with include="
+        )
