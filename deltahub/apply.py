@@ -1,0 +1,289 @@
+"""Applying deltas to a live model or state dict in place, and reverting them exactly.
+
+``W' = W + sum_i w_i * D_i``: the combination is accumulated in float32 at the touched positions, added to the
+base values in float32 and rounded once to the parameter's dtype. Only touched positions are read or written
+(O(nnz) work and memory), so untouched weights stay bit-identical and hot-swapping deltas costs O(nnz).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .delta import ParamDelta, SparseDelta
+from .errors import BaseMismatchError, RevertError
+from .fingerprint import mismatches
+from .methods import combine, resolve_options
+from .sources import DeltaSource, describe, resolve_deltas
+
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _target_tensors(target: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every name a delta may use for a tensor of ``target``, tied aliases included."""
+    if isinstance(target, nn.Module):
+        named = dict(target.named_parameters(remove_duplicate=False))
+        named.update(target.named_buffers(remove_duplicate=False))
+        return {k: v.data if isinstance(v, nn.Parameter) else v for k, v in named.items()}
+    if isinstance(target, Mapping):
+        return dict(target)
+    raise TypeError(f"apply_deltas needs an nn.Module or a state dict; got {type(target).__name__}")
+
+
+def _identity(t: torch.Tensor) -> tuple:
+    """Two names with equal identities are one tensor (tied weights): the delta is applied to it once."""
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
+def _prefix_hint(missing: list[str], available: Sequence[str]) -> str:
+    """Suggest the fix when the names differ only by a prefix (a delta for ``LlamaForCausalLM`` applied to a
+    bare ``LlamaModel``, say)."""
+    name = missing[0]
+    for other in available:
+        if other.endswith(name) or name.endswith(other):
+            return f" (the target has {other!r}: the delta was made for a different model class or prefix)"
+    return ""
+
+
+def check_base(
+    deltas: Sequence[SparseDelta],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    force: bool = False,
+    limit: int = 10,
+) -> None:
+    """Raise BaseMismatchError unless every delta fits ``tensors``: names present, shapes equal, floating
+    dtypes, and (unless ``force``) the fingerprint samples match. Costs a few element reads per parameter."""
+    problems: list[str] = []
+    fingerprint_problems: list[str] = []
+    for i, delta in enumerate(deltas):
+        who = describe(delta, i)
+        missing = [n for n in delta if n not in tensors]
+        if missing:
+            problems.append(
+                f"{who}: {len(missing)} parameters not in the base, e.g. {missing[:3]}"
+                + _prefix_hint(missing, list(tensors))
+            )
+        for name, p in delta.items():
+            t = tensors.get(name)
+            if t is None:
+                continue
+            if tuple(t.shape) != p.shape:
+                problems.append(
+                    f"{who}: {name} has shape {list(t.shape)} in the base, {list(p.shape)} in the delta"
+                )
+            elif not t.is_floating_point():
+                problems.append(
+                    f"{who}: {name} is {t.dtype} in the base; deltas only apply to floating tensors"
+                )
+            elif t.device.type == "meta":
+                problems.append(f"{who}: {name} is on the meta device; load the base weights before applying")
+        if not force and not problems:
+            recorded = {n: s for n, s in delta.fingerprint.items() if n in tensors}
+            found = mismatches(recorded, {n: delta[n].dtype for n in recorded}, tensors)
+            fingerprint_problems += [f"{who}: {m}" for m in found]
+    if problems:
+        raise BaseMismatchError(
+            "the deltas do not fit this base model (parameter names or shapes differ):", problems[:limit]
+        )
+    if fingerprint_problems:
+        raise BaseMismatchError(
+            f"the deltas were made on a different base ({len(fingerprint_problems)} parameters differ); load the "
+            "base named in the delta's config, or pass force=True to apply anyway:",
+            fingerprint_problems[:limit],
+        )
+
+
+@dataclass
+class _Saved:
+    tensor: torch.Tensor
+    indices: torch.Tensor  # int64, on the tensor's device
+    original: torch.Tensor  # base values at ``indices``, in the tensor's dtype
+    checksum: torch.Tensor  # of the values written, to notice later changes before reverting
+
+
+def _checksum(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    # Position-weighted sum of the raw bits: cheap, exact (integer arithmetic wraps deterministically on any
+    # device and in any reduction order), and it changes when any written value is overwritten.
+    bits = values.contiguous().view(_BITS[values.element_size()]).to(torch.int64)
+    return (bits * (indices + 1)).sum()
+
+
+def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    if t.is_contiguous():
+        return t.view(-1).index_select(0, idx)
+    return t[torch.unravel_index(idx, t.shape)]
+
+
+def _scatter(t: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+    if t.is_contiguous():
+        t.view(-1).index_copy_(0, idx, values)
+    else:
+        t.index_put_(torch.unravel_index(idx, t.shape), values)
+
+
+def _add_in_place(t: torch.Tensor, p: ParamDelta) -> _Saved:
+    idx = p.indices.to(t.device, torch.int64)
+    original = _gather(t, idx)
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    new = (original.to(acc) + p.values.to(t.device, acc)).to(t.dtype)
+    _scatter(t, idx, new)
+    return _Saved(t, idx, original, _checksum(new, idx))
+
+
+class AppliedDeltas:
+    """What ``apply_deltas`` did, and how to undo it: ``revert()`` restores the base bit-exactly.
+
+    Also a context manager: ``with apply_deltas(model, [d]): ...`` reverts on exit. Handles applied on top of
+    each other are reverted in reverse order; a handle whose positions were overwritten since (by a later,
+    still-applied delta or by training) refuses to revert rather than silently corrupt the base.
+
+    Attributes:
+        deltas: the input deltas; weights, method, options: how they were combined;
+        combined: the single SparseDelta that was added.
+    """
+
+    def __init__(self, deltas, weights, method, options, combined: SparseDelta, saved: dict[str, _Saved]):
+        self.deltas: list[SparseDelta] = deltas
+        self.weights: list[float] = weights
+        self.method: str = method
+        self.options: dict[str, Any] = options
+        self.combined = combined
+        self._saved = saved
+        self.active = True
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held to make the revert exact (original values and positions)."""
+        return sum(s.original.nbytes + s.indices.nbytes for s in self._saved.values())
+
+    def revert(self, *, force: bool = False) -> None:
+        """Restore the base values at every touched position.
+
+        Raises RevertError if already reverted, or if touched values changed since applying (revert later
+        handles first; ``force=True`` restores the saved originals anyway).
+        """
+        if not self.active:
+            raise RevertError("these deltas were already reverted; apply them again to use them")
+        if not force:
+            changed = [
+                name
+                for name, s in self._saved.items()
+                if not torch.equal(_checksum(_gather(s.tensor, s.indices), s.indices), s.checksum)
+            ]
+            if changed:
+                raise RevertError(
+                    f"{len(changed)} parameters changed since these deltas were applied (e.g. {changed[:3]}): "
+                    "revert deltas applied later first (reverse order of applying), or call revert(force=True) "
+                    "to write back the saved base values anyway"
+                )
+        with torch.no_grad():
+            for s in self._saved.values():
+                _scatter(s.tensor, s.indices, s.original)
+        self._saved = {}
+        self.active = False
+
+    def __enter__(self) -> AppliedDeltas:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            self.revert()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "reverted"
+        return (
+            f"AppliedDeltas({len(self.deltas)} deltas, weights={self.weights}, method={self.method!r}, "
+            f"nnz={self.combined.nnz}, {state})"
+        )
+
+
+def apply_deltas(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+    deltas: DeltaSource | Sequence[DeltaSource],
+    weights: Sequence[float] | None = None,
+    method: str = "sum",
+    force: bool = False,
+    **method_options: Any,
+) -> AppliedDeltas:
+    """Add the combination of ``deltas`` to a model's (or state dict's) tensors in place.
+
+    Args:
+        model_or_state_dict: a ``torch.nn.Module`` (any device, any floating dtype) or a ``{name: tensor}`` dict.
+        deltas: one or more SparseDelta objects or delta folders/files.
+        weights: one per delta (default 1.0); negative subtracts.
+        method: a combination method (``deltahub.methods.available_methods()``); ``sum`` is task arithmetic.
+        force: skip the base fingerprint check (names and shapes are always checked).
+        **method_options: options of the method, e.g. ``density=0.5`` for ``ties``.
+
+    Returns:
+        An :class:`AppliedDeltas` handle; ``handle.revert()`` restores the base bit-exactly.
+
+    Example:
+        >>> handle = apply_deltas(model, ["./math-delta", "./code-delta"], weights=[1.0, 0.5])
+        >>> handle.revert()
+    """
+    resolve_options(method, method_options)  # a bad method or option fails before any delta is loaded
+    delta_list, weight_list = resolve_deltas(deltas, weights)
+    tensors = _target_tensors(model_or_state_dict)
+    check_base(delta_list, tensors, force=force)
+    combined = combine(delta_list, weight_list, method=method, **method_options)
+
+    # Tied parameters: several names, one tensor. Apply once; two different deltas for one tensor is an error.
+    by_tensor: dict[tuple, str] = {}
+    for name in combined:
+        key = _identity(tensors[name])
+        first = by_tensor.setdefault(key, name)
+        if first != name and not combined[first].equal(combined[name]):
+            raise BaseMismatchError(
+                f"{first} and {name} are one tied tensor in this model but the deltas change them differently; "
+                "keep one of the two names in the delta"
+            )
+    saved: dict[str, _Saved] = {}
+    with torch.no_grad():
+        for name in by_tensor.values():
+            saved[name] = _add_in_place(tensors[name], combined[name])
+    return AppliedDeltas(delta_list, weight_list, method, dict(method_options), combined, saved)
+
+
+def load_model(
+    base: str,
+    deltas: DeltaSource | Sequence[DeltaSource] = (),
+    weights: Sequence[float] | None = None,
+    method: str = "sum",
+    *,
+    force: bool = False,
+    method_options: Mapping[str, Any] | None = None,
+    model_class: Any = None,
+    **from_pretrained_kwargs: Any,
+) -> nn.Module:
+    """Load a transformers model and apply deltas at load time.
+
+    The deltas are read and validated before the base is loaded, so a bad delta fails fast. The returned model
+    carries the handle as ``model.applied_deltas`` (call ``model.applied_deltas.revert()`` to get the base back).
+
+    Args:
+        base: a local model folder (or Hub id) for ``from_pretrained``.
+        deltas, weights, method, force: as in :func:`apply_deltas`; ``method_options`` holds the method's options.
+        model_class: the class whose ``from_pretrained`` loads the base (default ``AutoModelForCausalLM``).
+        **from_pretrained_kwargs: passed through (``dtype=torch.bfloat16``, ``device_map=...``).
+
+    Example:
+        >>> model = load_model("./smollm2", ["./shakespeare-delta"], dtype=torch.bfloat16)
+    """
+    resolve_options(method, method_options or {})
+    delta_list, weight_list = resolve_deltas(deltas, weights)
+    if model_class is None:
+        from transformers import AutoModelForCausalLM
+
+        model_class = AutoModelForCausalLM
+    model = model_class.from_pretrained(base, **from_pretrained_kwargs)
+    handle = None
+    if delta_list:
+        handle = apply_deltas(model, delta_list, weight_list, method, force, **dict(method_options or {}))
+    model.applied_deltas = handle
+    return model
