@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+MARKER = ".deltahub-demo"
 VOCAB = 128
 SEQ_LEN = 32
 
@@ -99,8 +100,14 @@ def run_demo(out: Path, *, steps: int = 60, density: float = 0.1, seed: int = 0,
     t0 = time.perf_counter()
     out = Path(out)
     if out.exists():
+        # Only ever delete a folder an earlier demo made: --out might point at something precious.
+        if not (out / MARKER).exists() and any(out.iterdir()):
+            raise FileExistsError(
+                f"{out} exists and was not made by `deltahub demo`; choose another --out or remove it yourself"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    (out / MARKER).write_text("made by `deltahub demo`; the next run replaces this folder\n")
 
     base = tiny_base(seed)
     base.save_pretrained(out / "base")

@@ -44,3 +44,15 @@ def test_demo_help_has_an_example():
     assert (
         Path(__file__).parent.joinpath("..", "README.md").resolve().read_text().count("scripts/demo.sh") >= 1
     )
+
+
+def test_demo_refuses_to_replace_a_folder_it_did_not_make(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    proc = subprocess.run(
+        [sys.executable, "-m", "deltahub.cli", "demo", "--out", str(precious)], capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert "was not made by `deltahub demo`" in proc.stderr and "Traceback" not in proc.stderr
+    assert (precious / "thesis.tex").read_text() == "years of work"
