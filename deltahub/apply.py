@@ -126,7 +126,12 @@ def _scatter(t: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
         t.index_put_(torch.unravel_index(idx, t.shape), values)
 
 
-def _add_in_place(t: torch.Tensor, p: ParamDelta) -> _Saved:
+def add_in_place(t: torch.Tensor, p: ParamDelta) -> _Saved:
+    """``t += p`` at p's positions: float32 sum (float64 for float64 tensors), rounded once to t's dtype.
+
+    The one definition of the arithmetic, shared by load-time application and the streaming merge so both give
+    bit-identical weights. Returns what a revert needs.
+    """
     idx = p.indices.to(t.device, torch.int64)
     original = _gather(t, idx)
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -246,7 +251,7 @@ def apply_deltas(
     saved: dict[str, _Saved] = {}
     with torch.no_grad():
         for name in by_tensor.values():
-            saved[name] = _add_in_place(tensors[name], combined[name])
+            saved[name] = add_in_place(tensors[name], combined[name])
     return AppliedDeltas(delta_list, weight_list, method, dict(method_options), combined, saved)
 
 
