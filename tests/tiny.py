@@ -27,7 +27,9 @@ def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0) -> LlamaForCau
 def tiny_gpt2(dtype: torch.dtype = torch.float32, seed: int = 0) -> GPT2LMHeadModel:
     """GPT-2 ties ``lm_head.weight`` to ``transformer.wte.weight``."""
     torch.manual_seed(seed)
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=64)
+    config = GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     return GPT2LMHeadModel(config).to(dtype).eval()
 
 
