@@ -16,6 +16,7 @@ from .errors import SftConfigError, SftStateError
 from .model import ActiveDelta, get_sft_model, unwrap_sft_model
 from .optim import SftAdamW, SftSM3
 from .selector import SftSelector
+from .trainer import SftTrainer
 
 __all__ = [
     "ActiveDelta",
@@ -25,6 +26,7 @@ __all__ = [
     "SftSM3",
     "SftSelector",
     "SftStateError",
+    "SftTrainer",
     "get_sft_model",
     "unwrap_sft_model",
 ]

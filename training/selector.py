@@ -58,6 +58,11 @@ class SftSelector:
             raise SftConfigError(
                 f"grad_accumulation_steps must be a positive integer; got {grad_accumulation_steps!r}"
             )
+        # accelerate (and so Trainer) wraps the optimizer; slot resets need the real one
+        while not isinstance(optimizer, (SftAdamW, SftSM3)) and isinstance(
+            getattr(optimizer, "optimizer", None), torch.optim.Optimizer
+        ):
+            optimizer = optimizer.optimizer
         if self.config.selection_algorithm == "sm3" and not isinstance(optimizer, SftSM3):
             raise SftConfigError(
                 "selection_algorithm='sm3' scores positions with SftSM3's row/column accumulators; build the "
