@@ -60,3 +60,19 @@ def random_delta(
 
 def tokens(n: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 64, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+CHARS = "abcdefghijklmnopqrstuvwxyz .,;:!?'\n"
+
+
+def save_char_tokenizer(folder) -> None:
+    """A character-level fast tokenizer (ids < 64, so it fits the tiny models' vocabulary), built offline."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>").save_pretrained(
+        folder
+    )

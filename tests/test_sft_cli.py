@@ -1,0 +1,79 @@
+"""`deltahub train` as a user runs it: a subprocess on a tiny saved model and a real text file."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny import save_char_tokenizer, tiny_llama, tokens
+
+import deltahub
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base")
+    tiny_llama().save_pretrained(folder)
+    save_char_tokenizer(folder)
+    return folder
+
+
+def run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "deltahub.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize("algorithm", ["rigl", "sm3"])
+def test_train_writes_a_delta_that_lowers_the_loss(tmp_path, base_folder, algorithm):
+    text = tmp_path / "data.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "delta"
+    lr = "0.05" if algorithm == "rigl" else "0.1"
+    proc = run(
+        "train",
+        base_folder,
+        text,
+        "--out",
+        out,
+        "--steps",
+        30,
+        "--density",
+        0.1,
+        "--seq-len",
+        32,
+        "--batch-size",
+        8,
+        "--lr",
+        lr,
+        "--algorithm",
+        algorithm,
+        "--reselection-steps",
+        10,
+        "--quiet",
+    )
+    assert proc.returncode == 0, proc.stderr
+    before, after = map(float, proc.stdout.split("held-out loss ")[1].split(";")[0].split(" -> "))
+    assert after < before - 0.3
+    delta = deltahub.load_delta(out)
+    assert delta.provenance["algorithm"] == algorithm and delta.provenance["steps"] == 30
+    assert delta.base_model == str(base_folder)
+    model = deltahub.load_model(str(base_folder), [out])  # the fingerprint matches the saved base
+    with torch.no_grad():
+        assert not torch.equal(model(tokens()).logits, tiny_llama()(tokens()).logits)
+
+
+def test_train_errors_are_one_clear_line(tmp_path, base_folder):
+    text = tmp_path / "data.txt"
+    text.write_text("abc " * 500)
+    proc = run("train", base_folder, text, "--out", tmp_path / "d", "--density", 2)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: invalid SftConfig: density must be a number in (0, 1]; got 2.0" in proc.stderr
+    records = tmp_path / "data.jsonl"
+    records.write_text(json.dumps({"text": "hello"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    proc = run("train", base_folder, records, "--out", tmp_path / "d")
+    assert proc.returncode == 1
+    assert "data.jsonl:2 has no string field 'text'; choose the field with --text-field" in proc.stderr
+    proc = run("train", base_folder, text, "--out", tmp_path / "d", "--seq-len", 4096)
+    assert proc.returncode == 1 and "fewer than two blocks of --seq-len 4096" in proc.stderr
