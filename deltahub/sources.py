@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .delta import SparseDelta
+from .errors import HubRepoNotFoundError
 
 DeltaSource = SparseDelta | str | os.PathLike
 
@@ -16,21 +17,39 @@ DeltaSource = SparseDelta | str | os.PathLike
 def resolve_delta(source: DeltaSource) -> SparseDelta:
     """Load ``source`` unless it already is a SparseDelta.
 
-    Accepts a delta folder or a lone ``.safetensors`` delta file.
+    Accepts a delta folder, a lone ``.safetensors`` delta file, or a Hub reference ``"org/name"`` /
+    ``"org/name@revision"`` (branch, tag or commit sha) when no local path of that name exists. Hub deltas are
+    pulled through the Hugging Face cache (see :func:`deltahub.hub.pull_delta`; ``HF_HUB_OFFLINE=1`` serves the
+    cache) and carry ``origin={"repo_id", "revision", "commit", "path"}``.
     """
     if isinstance(source, SparseDelta):
         return source
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"no delta at {str(source)!r}: expected a folder with delta.safetensors (or shards) and "
-                "delta_config.json, or a single .safetensors delta file"
-            )
-        from .format import load_delta  # the format module imports the type; import lazily to keep this light
+        if path.exists():
+            # The format module imports the type; import lazily to keep this light.
+            from .format import load_delta
 
-        return load_delta(path)
-    raise TypeError(f"a delta must be a SparseDelta or a path; got {type(source).__name__}")
+            return load_delta(path)
+        # A local path wins over a Hub id of the same spelling, so an existing folder "org/name" is never
+        # shadowed by a download.
+        from .hub import is_delta_ref, load_hub_delta
+
+        if isinstance(source, str) and is_delta_ref(source):
+            try:
+                return load_hub_delta(source)
+            except HubRepoNotFoundError as err:
+                raise HubRepoNotFoundError(
+                    f"{err} (no local path {source!r} exists either)",
+                    repo_id=err.repo_id,
+                    revision=err.revision,
+                ) from err
+        raise FileNotFoundError(
+            f"no delta at {str(source)!r}: expected a folder with delta.safetensors (or shards) and "
+            "delta_config.json, a single .safetensors delta file, or a Hub repo id like 'org/name' or "
+            "'org/name@revision'"
+        )
+    raise TypeError(f"a delta must be a SparseDelta, a path or a Hub repo id; got {type(source).__name__}")
 
 
 def check_weights(count: int, weights: Sequence[float] | float | None) -> list[float]:

@@ -389,7 +389,8 @@ def test_model_card(tmp_path):
     card = (save_delta(delta, tmp_path / "d") / "README.md").read_text()
     assert card == model_card(delta)
     front = card.split("---\n")[1]
-    assert front == 'library_name: deltahub\nbase_model: "tiny/base"\ntags:\n- deltahub\n- sparse-delta\n'
+    # the training algorithm from the provenance is a tag too
+    assert front == 'library_name: deltahub\nbase_model: "tiny/base"\ntags:\n- deltahub\n- sparse-delta\n- "rigl"\n'
     assert "deltahub.load_model('tiny/base', deltas=['path/to/this-delta'])" in card
     assert "- nnz: 6 of 16 elements" in card and "- density: 0.375" in card
     anonymous = model_card(SparseDelta({W: pd([1], [1.0], (4,))}), location="me/my-delta")

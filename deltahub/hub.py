@@ -1,0 +1,560 @@
+"""Sharing deltas on the Hugging Face Hub (or any Hub-compatible server): ``push_delta`` / ``pull_delta``.
+
+Both go through the real ``huggingface_hub`` client, so tokens, the cache, ``HF_ENDPOINT`` and offline mode
+(``HF_HUB_OFFLINE=1``) behave exactly as they do for ``from_pretrained``. Only a delta's own files travel:
+safetensors shards (+ index), ``delta_config.json`` and the ``README.md`` card; never a pickle, never stray files.
+Client errors are turned into one-line :class:`~deltahub.errors.HubError` subclasses naming the repo, the
+revision and the fix; tokens never appear in them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .card import model_card
+from .delta import SparseDelta
+from .errors import (
+    DeltaExistsError,
+    DeltaFormatError,
+    HubAuthError,
+    HubConnectionError,
+    HubError,
+    HubRepoNotFoundError,
+    HubRevisionNotFoundError,
+    NotADeltaError,
+)
+from .format import load_delta, save_delta
+from .format.spec import CARD_FILE, CONFIG_FILE, INDEX_FILE, SINGLE_FILE
+
+# The atomic-install helpers of save_delta, so a pulled copy appears exactly like a saved delta does.
+from .format.writer import fresh_sibling, install_folder, is_occupied
+
+# What a delta repo may hold that deltahub reads or writes. Shards follow `spec.SHARD_PATTERN`.
+DELTA_FILE_PATTERNS = [CONFIG_FILE, SINGLE_FILE, INDEX_FILE, "delta-*-of-*.safetensors", CARD_FILE]
+
+_SHA = re.compile(r"[0-9a-f]{40}")
+# `namespace/name` with the Hub's characters. Deltas are always namespaced: a bare name ("gpt2") is far more
+# likely a mistyped local folder than a delta repo, so it is not sent to the Hub.
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_REF_HELP = "expected a Hub repo id like 'org/name' or 'org/name@revision' (a branch, tag or commit sha)"
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What :func:`push_delta` committed.
+
+    Attributes:
+        repo_id: the repo pushed to.
+        revision: the branch committed to (``"main"`` unless one was given).
+        sha: the new commit's sha (with ``create_pr``, the commit on the pull request's ref).
+        url: the commit's URL.
+        pr_url: the pull request's URL when ``create_pr=True``, else None.
+    """
+
+    repo_id: str
+    revision: str
+    sha: str
+    url: str
+    pr_url: str | None = None
+
+
+def _valid_repo_id(repo_id: object) -> bool:
+    return (
+        isinstance(repo_id, str)
+        and len(repo_id) <= 96
+        and bool(_REPO_ID.fullmatch(repo_id))
+        and ".." not in repo_id
+        and "--" not in repo_id
+        and not repo_id.endswith(".git")
+    )
+
+
+def _check_repo_id(repo_id: object) -> str:
+    if not _valid_repo_id(repo_id):
+        raise ValueError(f"invalid repo id {repo_id!r}: {_REF_HELP}")
+    return repo_id  # type: ignore[return-value]
+
+
+def parse_delta_ref(ref: str) -> tuple[str, str | None]:
+    """Split ``"org/name@revision"`` into ``("org/name", "revision")``; no ``@`` gives ``("org/name", None)``.
+
+    A repo id never contains ``@``, so everything after the first one is the revision (``refs/pr/1`` works).
+
+    Raises:
+        ValueError: ``ref`` is not of that form.
+
+    Example:
+        >>> parse_delta_ref("acme/math-delta@v1")
+        ('acme/math-delta', 'v1')
+    """
+    if not isinstance(ref, str):
+        raise ValueError(f"invalid delta reference {ref!r}: {_REF_HELP}")
+    repo_id, at, revision = ref.partition("@")
+    if not _valid_repo_id(repo_id) or (at and not revision.strip()):
+        raise ValueError(f"invalid delta reference {ref!r}: {_REF_HELP}")
+    return repo_id, (revision if at else None)
+
+
+def is_delta_ref(text: object) -> bool:
+    """Whether ``text`` has the shape of a Hub delta reference (``org/name`` or ``org/name@rev``)."""
+    try:
+        parse_delta_ref(text)  # type: ignore[arg-type]
+    except ValueError:
+        return False
+    return True
+
+
+def _is_delta_file(path_in_repo: str) -> bool:
+    # Top-level files only: fnmatch's '*' also matches '/', so "sub/delta-1-of-2.safetensors" must be excluded.
+    return "/" not in path_in_repo and any(fnmatch.fnmatchcase(path_in_repo, p) for p in DELTA_FILE_PATTERNS)
+
+
+# ---- errors -------------------------------------------------------------------------------------------------------
+
+
+def _endpoint(endpoint: str | None) -> str:
+    from huggingface_hub import constants
+
+    return (endpoint or constants.ENDPOINT).rstrip("/")
+
+
+def _token_hint(token: str | bool | None) -> str:
+    """Which token was used, in words: never the token itself."""
+    if token is False:
+        return "no token was sent"
+    if isinstance(token, str):
+        return "with the token you passed"
+    from huggingface_hub import get_token
+
+    return "with your saved token (HF_TOKEN or `hf auth login`)" if get_token() else "no token was found"
+
+
+_TOKEN_FIX = "pass a valid token with --token / token=..., set HF_TOKEN, or run `hf auth login`"
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from, outermost first."""
+    chain = [err]
+    while chain[-1].__cause__ is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__)
+    return chain
+
+
+def _translate(
+    err: Exception, *, action: str, repo_id: str, revision: str, endpoint: str | None, token: object
+) -> HubError | None:
+    """The deltahub error for a client error raised while ``action``-ing ``repo_id@revision``, or None."""
+    import httpx2
+    from huggingface_hub import errors as hf
+
+    where = f"{repo_id}@{revision}"
+    host = _endpoint(endpoint)
+    ids = {"repo_id": repo_id, "revision": revision}
+    status = getattr(getattr(err, "response", None), "status_code", None)
+
+    if isinstance(err, hf.RevisionNotFoundError):
+        return HubRevisionNotFoundError(
+            f"cannot {action} {where}: repo {repo_id} on {host} has no branch, tag or commit {revision!r}; "
+            "check the branch, tag or commit sha (the repo's page lists its branches and tags)",
+            **ids,
+        )
+    if isinstance(err, hf.HfHubHTTPError) and status == 401:
+        if "Invalid credentials" in str(err) or "Invalid credentials" in str(
+            getattr(err, "server_message", "")
+        ):
+            why = f"{host} rejected the token (invalid or expired)"
+        else:
+            why = f"{host} needs a token for this and {_token_hint(token)}"
+        return HubAuthError(f"cannot {action} {where}: {why}; {_TOKEN_FIX}", **ids)
+    if isinstance(err, hf.HfHubHTTPError) and status == 403:
+        return HubAuthError(
+            f"cannot {action} {where}: the token has no write access to {repo_id} on {host}; use a token "
+            f"with write access to the '{repo_id.split('/')[0]}' namespace ({_TOKEN_FIX}), or push to a "
+            "namespace you own",
+            **ids,
+        )
+    if isinstance(err, hf.RepositoryNotFoundError):
+        return HubRepoNotFoundError(
+            f"cannot {action} {where}: repo {repo_id} not found on {host} ({_token_hint(token)}); check the "
+            f"id, and if the repo is private {_TOKEN_FIX} with access to it",
+            **ids,
+        )
+    if isinstance(err, hf.OfflineModeIsEnabled) or (
+        isinstance(err, hf.LocalEntryNotFoundError)
+        and not isinstance(err, hf.IncompleteSnapshotError)
+        and (
+            any(isinstance(c, hf.OfflineModeIsEnabled) for c in _causes(err))
+            or "outgoing traffic has been disabled" in str(err)
+        )
+    ):
+        what = "is not in the local cache" if action == "pull" else "needs the network"
+        return HubConnectionError(
+            f"cannot {action} {where}: it {what} and offline mode is on (HF_HUB_OFFLINE=1 or "
+            "local_files_only); pull it once online, or unset HF_HUB_OFFLINE",
+            **ids,
+        )
+    transport = next((c for c in _causes(err) if isinstance(c, httpx2.TransportError)), None)
+    if transport is not None and not isinstance(err, hf.IncompleteSnapshotError):
+        cached = " and no copy is in the local cache" if action == "pull" else ""
+        offline = ", or use HF_HUB_OFFLINE=1 with a cached copy" if action == "pull" else ""
+        return HubConnectionError(
+            f"cannot {action} {where}: the Hub at {host} cannot be reached ({type(transport).__name__}){cached}; "
+            f"check the network and HF_ENDPOINT{offline}",
+            **ids,
+        )
+    if isinstance(err, hf.IncompleteSnapshotError):
+        return HubError(
+            f"cannot {action} {where}: the cached copy is incomplete and the Hub at {host} cannot be reached; "
+            "pull it again with network access",
+            **ids,
+        )
+    if isinstance(err, hf.HfHubHTTPError):
+        msg = getattr(err, "server_message", None) or str(err).splitlines()[0]
+        return HubError(f"cannot {action} {where}: {host} answered {status}: {msg}", **ids)
+    return None
+
+
+@contextlib.contextmanager
+def _hub_errors(
+    action: str, repo_id: str, revision: str, endpoint: str | None, token: object
+) -> Iterator[None]:
+    try:
+        yield
+    except HubError:
+        raise
+    except Exception as err:
+        mapped = _translate(
+            err, action=action, repo_id=repo_id, revision=revision, endpoint=endpoint, token=token
+        )
+        if mapped is None:
+            raise
+        # Chained, so a Python traceback still shows the client's error (URL, request id); the CLI prints
+        # only the one-line message. Neither contains the token.
+        raise mapped from err
+
+
+# ---- push ---------------------------------------------------------------------------------------------------------
+
+
+def _delta_files(folder: Path) -> list[str]:
+    """The files of a validated delta folder that make up the delta (the card is handled separately)."""
+    import json
+
+    if (folder / INDEX_FILE).is_file():
+        index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
+        shards = sorted(set(index["weight_map"].values()))
+        return [CONFIG_FILE, INDEX_FILE, *shards]
+    return [CONFIG_FILE, SINGLE_FILE]
+
+
+def _card_text(folder: Path, delta: SparseDelta, repo_id: str, license: str | None) -> str:
+    """The card to push: the folder's own README when the user wrote one, else one that names this repo.
+
+    A README equal to what :func:`save_delta` generates says ``deltas=['path/to/this-delta']``; the pushed
+    one should say ``deltas=['org/name']`` instead. A hand-edited README is the author's and is kept as is.
+    """
+    card = folder / CARD_FILE
+    if license is None and card.is_file():
+        text = card.read_text(encoding="utf-8")
+        if text != model_card(delta):
+            return text
+    return model_card(delta, location=repo_id, license=license)
+
+
+def _ensure_branch(api, repo_id: str, branch: str) -> None:
+    refs = api.list_repo_refs(repo_id)
+    if branch in {b.name for b in refs.branches}:
+        return
+    if branch in {t.name for t in refs.tags}:
+        raise ValueError(
+            f"cannot push to {repo_id}@{branch}: {branch!r} is a tag; commits go to a branch (pass another "
+            "--revision, then tag the new commit)"
+        )
+    api.create_branch(repo_id, branch=branch)  # from main, as `git switch -c` would from the default branch
+
+
+def push_delta(
+    delta_or_folder: SparseDelta | str | os.PathLike[str],
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+    license: str | None = None,
+) -> PushResult:
+    """Upload a delta to a Hub repo in one commit, creating the repo (and the branch) if needed.
+
+    The delta is validated before anything is sent. Only its own files are uploaded (``delta_config.json``,
+    ``delta.safetensors`` or the shards and their index, ``README.md``); delta files of an earlier push that
+    the new delta does not have (old shards) are deleted in the same commit, so the revision always holds
+    exactly one delta.
+
+    Args:
+        delta_or_folder: a :class:`~deltahub.SparseDelta` (saved to a temporary folder first) or a delta folder.
+        repo_id: ``"namespace/name"``.
+        private: visibility of a repo this call creates. ``True`` also refuses to push into an existing
+            public repo (make it private on the Hub first); ``None``/``False`` leave an existing repo as it is.
+        revision: the branch to commit to (default ``main``); created from ``main`` when it does not exist.
+        commit_message: the commit's title (default: a summary of the delta).
+        create_pr: open a pull request with the commit instead of committing to the branch.
+        token: a Hub token; ``None`` uses huggingface_hub's lookup (``HF_TOKEN``, ``hf auth login``).
+        endpoint: the Hub URL; ``None`` uses ``HF_ENDPOINT`` (default ``https://huggingface.co``).
+        license: a license id for the card's front matter (regenerates the card).
+
+    Returns:
+        A :class:`PushResult` with the commit's ``sha`` and ``url``.
+
+    Raises:
+        DeltaFormatError: the folder is not a valid delta (nothing was uploaded).
+        HubAuthError, HubRepoNotFoundError, HubRevisionNotFoundError, HubConnectionError, HubError: the Hub
+            refused or could not be reached; the message names the repo, the revision and the fix.
+
+    Example:
+        >>> push_delta("./math-delta", "acme/math-delta", private=True).url
+        'https://huggingface.co/acme/math-delta/commit/...'
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    _check_repo_id(repo_id)
+    branch = revision or "main"
+    if _SHA.fullmatch(branch):
+        raise ValueError(
+            f"cannot push to {repo_id}@{branch}: a commit sha is not a branch; pass a branch name"
+        )
+    with tempfile.TemporaryDirectory(prefix="deltahub-push-") as tmp:
+        if isinstance(delta_or_folder, SparseDelta):
+            delta = delta_or_folder
+            folder = save_delta(delta, Path(tmp) / "delta")
+        elif isinstance(delta_or_folder, (str, os.PathLike)):
+            folder = Path(delta_or_folder)
+            if not folder.is_dir():
+                raise FileNotFoundError(
+                    f"no delta folder at {os.fspath(delta_or_folder)!r}: push_delta takes a folder written by "
+                    "save_delta, or a SparseDelta"
+                )
+            delta = load_delta(folder)  # validate before anything leaves the machine
+        else:
+            raise TypeError(
+                f"push_delta takes a SparseDelta or a folder; got {type(delta_or_folder).__name__}"
+            )
+        files = _delta_files(folder)
+        card = _card_text(folder, delta, repo_id, license).encode("utf-8")
+        message = commit_message or (
+            f"Upload sparse delta ({len(delta)} parameters, {delta.nnz:,} nonzeros) with deltahub {__version__}"
+        )
+
+        api = HfApi(endpoint=endpoint, token=token, library_name="deltahub", library_version=__version__)
+        with _hub_errors("push", repo_id, branch, endpoint, token):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision is not None and not branch.startswith("refs/pr/"):
+                _ensure_branch(api, repo_id, branch)
+            info = api.model_info(repo_id, revision=branch)
+            if private and not info.private:
+                raise HubError(
+                    f"cannot push to {repo_id}@{branch} as private: the repo exists and is public; make it "
+                    "private on the Hub first, or push without --private",
+                    repo_id=repo_id,
+                    revision=branch,
+                )
+            keep = {*files, CARD_FILE}
+            ops: list = [
+                CommitOperationAdd(path_in_repo=name, path_or_fileobj=folder / name) for name in files
+            ]
+            ops.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card))
+            ops += [
+                CommitOperationDelete(path_in_repo=s.rfilename)
+                for s in info.siblings or []
+                if _is_delta_file(s.rfilename) and s.rfilename not in keep
+            ]
+            commit = api.create_commit(
+                repo_id,
+                ops,
+                commit_message=message,
+                revision=branch,
+                create_pr=create_pr,
+                parent_commit=info.sha,  # refuse, rather than silently mix, if someone pushed meanwhile
+            )
+    return PushResult(
+        repo_id=repo_id,
+        revision=commit.pr_revision or branch,
+        sha=commit.oid,
+        url=commit.commit_url,
+        pr_url=commit.pr_url,
+    )
+
+
+# ---- pull ---------------------------------------------------------------------------------------------------------
+
+
+def _snapshot(
+    repo_id: str,
+    revision: str | None,
+    *,
+    cache_dir: str | os.PathLike[str] | None,
+    token: str | bool | None,
+    local_files_only: bool,
+    endpoint: str | None,
+) -> tuple[Path, SparseDelta]:
+    """Download (or find in the cache) the delta's files and load them, with ``origin`` recorded."""
+    from huggingface_hub import snapshot_download
+
+    _check_repo_id(repo_id)
+    rev = revision or "main"
+    where = f"{repo_id}@{rev}"
+    with _hub_errors("pull", repo_id, rev, endpoint, token):
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=local_files_only,
+                endpoint=endpoint,
+                allow_patterns=DELTA_FILE_PATTERNS,
+                library_name="deltahub",
+                library_version=__version__,
+            )
+        )
+    # The cache lays snapshots out as .../snapshots/<commit sha>: the folder's name is the resolved commit.
+    commit = folder.name if _SHA.fullmatch(folder.name) else None
+    if not (folder / CONFIG_FILE).is_file():
+        raise NotADeltaError(
+            f"{where} is not a deltahub delta: it has no {CONFIG_FILE}; check the repo id and revision (a "
+            "model repo is loaded with from_pretrained, not as a delta)",
+            repo_id=repo_id,
+            revision=rev,
+        )
+    try:
+        delta = load_delta(folder)
+    except DeltaFormatError as err:
+        # Name the repo rather than only the cache folder: that is what the user typed and can report.
+        source = f"{where} (commit {commit or 'unknown'}, cached at {folder})"
+        raise DeltaFormatError(source, err.problems) from None
+    if commit is None:  # not a standard cache layout: ask the Hub which commit the revision is
+        from huggingface_hub import HfApi
+
+        with _hub_errors("pull", repo_id, rev, endpoint, token):
+            commit = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision).sha
+    delta.origin = {"repo_id": repo_id, "revision": rev, "commit": commit or "", "path": str(folder)}
+    return folder, delta
+
+
+def _copy_out(folder: Path, out: Path, overwrite: bool) -> Path:
+    """Copy the snapshot's delta files (real bytes, not cache symlinks) to ``out``, atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fresh_sibling(out, "tmp")
+    try:
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and _is_delta_file(path.name):
+                shutil.copyfile(path, tmp / path.name)
+        install_folder(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def pull_delta(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    endpoint: str | None = None,
+    local_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Download a delta's files (only those) into the Hugging Face cache, validate it, return its folder.
+
+    Offline mode (``HF_HUB_OFFLINE=1``) and ``local_files_only=True`` serve the cached copy without any
+    request; an unreachable Hub also falls back to the cache, as ``from_pretrained`` does.
+
+    Args:
+        repo_id: ``"namespace/name"`` (use :func:`parse_delta_ref` for ``"namespace/name@revision"``).
+        revision: a branch, tag or commit sha (default ``main``).
+        cache_dir: the cache root (default: huggingface_hub's, ``HF_HUB_CACHE``).
+        token: a Hub token; ``None`` uses huggingface_hub's lookup (``HF_TOKEN``, ``hf auth login``).
+        local_files_only: never touch the network.
+        endpoint: the Hub URL; ``None`` uses ``HF_ENDPOINT``.
+        local_dir: also copy the delta's files into this folder (atomically: it appears complete or not at
+            all) and return it instead of the cache folder.
+        overwrite: replace a non-empty ``local_dir``.
+
+    Returns:
+        The delta folder: the cache snapshot (``.../snapshots/<commit sha>``), or ``local_dir``.
+
+    Raises:
+        NotADeltaError: the repo has no ``delta_config.json`` at that revision.
+        DeltaFormatError: the files are there but break the format.
+        HubAuthError, HubRepoNotFoundError, HubRevisionNotFoundError, HubConnectionError, HubError: see the
+            message; it names the repo, the revision and the fix.
+        DeltaExistsError: ``local_dir`` is not empty and ``overwrite`` is False.
+
+    Example:
+        >>> folder = pull_delta("acme/math-delta", revision="v1")
+        >>> delta = load_delta(folder)
+    """
+    out = None if local_dir is None else Path(local_dir)
+    if out is not None:  # checked before any download: a refusal should cost nothing
+        if not out.name or out.name in (".", ".."):
+            raise ValueError(f"local_dir needs a folder path with a name; got {os.fspath(local_dir)!r}")
+        if is_occupied(out) and not overwrite:
+            raise DeltaExistsError(
+                f"{out} already exists and is not empty; pass overwrite=True (--overwrite) to replace it"
+            )
+    folder, _ = _snapshot(
+        repo_id,
+        revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        endpoint=endpoint,
+    )
+    return folder if out is None else _copy_out(folder, out, overwrite)
+
+
+def load_hub_delta(
+    ref: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    endpoint: str | None = None,
+) -> SparseDelta:
+    """Pull and load a delta from the Hub: ``ref`` is ``"org/name"`` or ``"org/name@revision"``.
+
+    The result's ``origin`` is ``{"repo_id", "revision", "commit": <resolved sha>, "path": <cache folder>}``,
+    so what was loaded can be pinned later with ``org/name@<commit>``.
+
+    Example:
+        >>> load_hub_delta("acme/math-delta@v1").origin["commit"]
+        '3f2a...'
+    """
+    repo_id, ref_revision = parse_delta_ref(ref)
+    if revision is not None and ref_revision is not None and revision != ref_revision:
+        raise ValueError(
+            f"two revisions for {repo_id}: {ref_revision!r} in {ref!r} and revision={revision!r}"
+        )
+    _, delta = _snapshot(
+        repo_id,
+        revision or ref_revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        endpoint=endpoint,
+    )
+    return delta
