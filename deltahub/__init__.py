@@ -19,12 +19,21 @@ from .errors import (
     DeltaFormatError,
     DeltahubError,
     ExtractionError,
+    HubAuthError,
+    HubConnectionError,
+    HubError,
+    HubRepoNotFoundError,
+    HubRevisionNotFoundError,
     MethodOptionError,
+    NotADeltaError,
+    OutOfSpaceError,
     RevertError,
     UnknownMethodError,
 )
 from .extract import extract_delta
 from .format import load_delta, save_delta
+from .hub import PushResult, load_hub_delta, parse_delta_ref, pull_delta, push_delta
+from .merging import MergePlan, MergeResult, merge
 from .methods import MethodOption, MethodSpec, available_methods, combine, get_method, register_method
 from .overlap import OverlapReport, overlap_report
 
@@ -37,11 +46,21 @@ __all__ = [
     "DeltaFormatError",
     "DeltahubError",
     "ExtractionError",
+    "HubAuthError",
+    "HubConnectionError",
+    "HubError",
+    "HubRepoNotFoundError",
+    "HubRevisionNotFoundError",
+    "MergePlan",
+    "MergeResult",
     "MethodOption",
     "MethodOptionError",
     "MethodSpec",
+    "NotADeltaError",
+    "OutOfSpaceError",
     "OverlapReport",
     "ParamDelta",
+    "PushResult",
     "RevertError",
     "SparseDelta",
     "UnknownMethodError",
@@ -53,8 +72,13 @@ __all__ = [
     "extract_delta",
     "get_method",
     "load_delta",
+    "load_hub_delta",
     "load_model",
+    "merge",
     "overlap_report",
+    "parse_delta_ref",
+    "pull_delta",
+    "push_delta",
     "register_method",
     "save_delta",
 ]

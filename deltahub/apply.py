@@ -7,16 +7,16 @@ base values in float32 and rounded once to the parameter's dtype. Only touched p
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from .delta import ParamDelta, SparseDelta
 from .errors import BaseMismatchError, RevertError
-from .fingerprint import mismatches
+from .fingerprint import samples_match, tensor_samples
 from .methods import combine, resolve_options
 from .sources import DeltaSource, describe, resolve_deltas
 
@@ -49,43 +49,102 @@ def _prefix_hint(missing: list[str], available: Sequence[str]) -> str:
     return ""
 
 
+@runtime_checkable
+class BaseView(Protocol):
+    """What :func:`check_base` needs to know about a base: names, shapes and dtypes, and the few fingerprint
+    samples. Implemented over live tensors here, and over safetensors headers by the streaming merge (which reads
+    only the sampled elements, never a whole tensor)."""
+
+    def names(self) -> Collection[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> torch.dtype: ...
+
+    def samples(self, name: str) -> tuple[float, ...]:
+        """The base values at ``sample_positions(name, numel)``, as float32 Python floats."""
+        ...
+
+    def problem(self, name: str) -> str | None:
+        """Why this tensor's values cannot be used (e.g. it is on the meta device), or None."""
+        ...
+
+
+class _TensorsView:
+    """A :class:`BaseView` over a ``{name: tensor}`` mapping (a live model's tensors, tied aliases included)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self._tensors = tensors
+
+    def names(self) -> Collection[str]:
+        return self._tensors.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._tensors[name].dtype
+
+    def samples(self, name: str) -> tuple[float, ...]:
+        return tensor_samples(name, self._tensors[name])
+
+    def problem(self, name: str) -> str | None:
+        if self._tensors[name].device.type == "meta":
+            return "is on the meta device; load the base weights before applying"
+        return None
+
+
 def check_base(
     deltas: Sequence[SparseDelta],
-    tensors: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor] | BaseView,
     *,
     force: bool = False,
     limit: int = 10,
 ) -> None:
-    """Raise BaseMismatchError unless every delta fits ``tensors``: names present, shapes equal, floating
-    dtypes, and (unless ``force``) the fingerprint samples match. Costs a few element reads per parameter."""
+    """Raise BaseMismatchError unless every delta fits the base: names present, shapes equal, floating
+    dtypes, and (unless ``force``) the fingerprint samples match. Costs a few element reads per parameter.
+
+    ``tensors`` is a ``{name: tensor}`` mapping or any :class:`BaseView` (the merge passes one that reads
+    safetensors headers and single elements).
+    """
+    view = tensors if isinstance(tensors, BaseView) else _TensorsView(tensors)
+    available = view.names()
     problems: list[str] = []
     fingerprint_problems: list[str] = []
     for i, delta in enumerate(deltas):
         who = describe(delta, i)
-        missing = [n for n in delta if n not in tensors]
+        missing = [n for n in delta if n not in available]
         if missing:
             problems.append(
                 f"{who}: {len(missing)} parameters not in the base, e.g. {missing[:3]}"
-                + _prefix_hint(missing, list(tensors))
+                + _prefix_hint(missing, list(available))
             )
         for name, p in delta.items():
-            t = tensors.get(name)
-            if t is None:
+            if name not in available:
                 continue
-            if tuple(t.shape) != p.shape:
+            shape, dtype = view.shape(name), view.dtype(name)
+            if shape != p.shape:
                 problems.append(
-                    f"{who}: {name} has shape {list(t.shape)} in the base, {list(p.shape)} in the delta"
+                    f"{who}: {name} has shape {list(shape)} in the base, {list(p.shape)} in the delta"
                 )
-            elif not t.is_floating_point():
+            elif not dtype.is_floating_point:
                 problems.append(
-                    f"{who}: {name} is {t.dtype} in the base; deltas only apply to floating tensors"
+                    f"{who}: {name} is {dtype} in the base; deltas only apply to floating tensors"
                 )
-            elif t.device.type == "meta":
-                problems.append(f"{who}: {name} is on the meta device; load the base weights before applying")
+            else:
+                problem = view.problem(name)
+                if problem:
+                    problems.append(f"{who}: {name} {problem}")
         if not force and not problems:
-            recorded = {n: s for n, s in delta.fingerprint.items() if n in tensors}
-            found = mismatches(recorded, {n: delta[n].dtype for n in recorded}, tensors)
-            fingerprint_problems += [f"{who}: {m}" for m in found]
+            for name, recorded in delta.fingerprint.items():
+                if name not in available:
+                    continue
+                live = view.samples(name)
+                if not samples_match(recorded, live, delta[name].dtype, view.dtype(name)):
+                    fingerprint_problems.append(
+                        f"{who}: {name}: base values differ from those the delta was made on (expected "
+                        f"{[round(s, 6) for s in recorded[:3]]}..., found {[round(s, 6) for s in live[:3]]}...)"
+                    )
     if problems:
         raise BaseMismatchError(
             "the deltas do not fit this base model (parameter names or shapes differ):", problems[:limit]
@@ -126,18 +185,19 @@ def _scatter(t: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
         t.index_put_(torch.unravel_index(idx, t.shape), values)
 
 
-def add_in_place(t: torch.Tensor, p: ParamDelta) -> _Saved:
+def add_in_place(t: torch.Tensor, p: ParamDelta, *, revertible: bool = True) -> _Saved | None:
     """``t += p`` at p's positions: float32 sum (float64 for float64 tensors), rounded once to t's dtype.
 
     The one definition of the arithmetic, shared by load-time application and the streaming merge so both give
-    bit-identical weights. Returns what a revert needs.
+    bit-identical weights. Returns what a revert needs, or None with ``revertible=False`` (the merge writes the
+    tensor out and never reverts, so it skips the checksum pass).
     """
     idx = p.indices.to(t.device, torch.int64)
     original = _gather(t, idx)
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     new = (original.to(acc) + p.values.to(t.device, acc)).to(t.dtype)
     _scatter(t, idx, new)
-    return _Saved(t, idx, original, _checksum(new, idx))
+    return _Saved(t, idx, original, _checksum(new, idx)) if revertible else None
 
 
 class AppliedDeltas:

@@ -45,7 +45,9 @@ _ST_CODES = {
     "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2",
 }
-_ST_DTYPES: dict[str, torch.dtype] = {c: getattr(torch, n) for c, n in _ST_CODES.items() if hasattr(torch, n)}
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    c: getattr(torch, n) for c, n in _ST_CODES.items() if hasattr(torch, n)
+}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _CONVERT_HINT = (
     "deltahub reads only safetensors, because pickle files can run arbitrary code when loaded. Convert once, "
@@ -92,7 +94,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         self.path = Path(path)
         self.device = str(device)
         folder, weight_map = _locate(self.path)
-        self._folder = folder
+        self.folder = folder
         self.files: dict[str, list[str]] = {}
         self._handles: dict[str, Any] = {}
         self._where: dict[str, str] = {}
@@ -141,10 +143,10 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         handle = self._handles.get(file)
         if handle is None:
             try:
-                handle = safe_open(str(self._folder / file), framework="pt", device=self.device)
+                handle = safe_open(str(self.folder / file), framework="pt", device=self.device)
             except (SafetensorError, OSError) as err:
                 self.close()
-                raise CheckpointError(f"cannot read {self._folder / file} as safetensors: {err}") from err
+                raise CheckpointError(f"cannot read {self.folder / file} as safetensors: {err}") from err
             self._handles[file] = handle
         return handle
 
@@ -169,11 +171,11 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def dtype(self, name: str) -> torch.dtype:
         """The tensor's dtype, from the file header (no data is read)."""
         code = self._meta[name][1]
-        if code not in _ST_DTYPES:
+        if code not in SAFETENSORS_DTYPES:
             raise CheckpointError(
                 f"{name} in {self._where[name]} has dtype {code}, which this torch cannot hold"
             )
-        return _ST_DTYPES[code]
+        return SAFETENSORS_DTYPES[code]
 
     def close(self) -> None:
         """Release the memory maps (tensors already returned stay valid; a later :meth:`get` reopens)."""

@@ -67,3 +67,41 @@ class ExtractionError(DeltahubError, ValueError):
 class CheckpointError(DeltahubError, ValueError):
     """A model folder cannot be read as a safetensors checkpoint (no safetensors weights, a broken index, a
     missing or unreadable shard)."""
+
+
+class HubError(DeltahubError, RuntimeError):
+    """A Hub operation failed. The message names the repo and revision, what went wrong and what to do.
+
+    The subclasses below say why; this class itself covers the rest (a server error, an incomplete cache).
+    ``repo_id`` and ``revision`` are kept as attributes. Messages never contain a token.
+    """
+
+    def __init__(self, message: str, *, repo_id: str | None = None, revision: str | None = None):
+        self.repo_id = repo_id
+        self.revision = revision
+        super().__init__(message)
+
+
+class HubAuthError(HubError, PermissionError):
+    """The token was rejected (invalid or expired), missing where one is needed, or lacks write access."""
+
+
+class HubRepoNotFoundError(HubError, LookupError):
+    """The repo does not exist, or it is private and the token used cannot see it."""
+
+
+class HubRevisionNotFoundError(HubError, LookupError):
+    """The repo exists but has no such branch, tag or commit."""
+
+
+class HubConnectionError(HubError, ConnectionError):
+    """The Hub endpoint could not be reached (and, for a pull, the cache holds no copy), or offline mode is on
+    and the cache holds no copy."""
+
+
+class NotADeltaError(HubError, ValueError):
+    """The Hub repo (at that revision) holds no ``delta_config.json``: it is not a deltahub delta."""
+
+
+class OutOfSpaceError(DeltahubError, OSError):
+    """The disk holding an output filled up (or would, by the planned output size)."""

@@ -70,21 +70,3 @@ def samples_match(
     coarse = _coarser(recorded_dtype, live_dtype)
     rtol, atol = _EPS.get(coarse, 2.0**-7), _ATOL.get(coarse, 0.0)
     return all(abs(r - v) <= atol + rtol * abs(r) for r, v in zip(recorded, live, strict=True))
-
-
-def mismatches(
-    recorded: Mapping[str, tuple[float, ...]],
-    recorded_dtypes: Mapping[str, torch.dtype],
-    live: Mapping[str, torch.Tensor],
-) -> list[str]:
-    """One line per parameter whose live base values differ from the recorded fingerprint."""
-    problems = []
-    for name, samples in recorded.items():
-        tensor = live[name]
-        got = tensor_samples(name, tensor)
-        if not samples_match(samples, got, recorded_dtypes[name], tensor.dtype):
-            problems.append(
-                f"{name}: base values differ from those the delta was made on (expected "
-                f"{[round(s, 6) for s in samples[:3]]}..., found {[round(s, 6) for s in got[:3]]}...)"
-            )
-    return problems

@@ -7,6 +7,7 @@ Known errors (deltahub's own, missing files, bad values) print as ``error: ...``
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -18,7 +19,21 @@ from ..errors import DeltahubError
 KNOWN_ERRORS = (DeltahubError, FileNotFoundError, FileExistsError, ValueError)
 
 
+# Verbs that live outside deltahub's core, imported only when invoked: `train` pulls in the training
+# subsystem, which depends on deltahub (never the reverse).
+LAZY_COMMANDS = {"train": "training.cli:train"}
+
+
 class _Group(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str):
+        if name in LAZY_COMMANDS and name not in self.commands:
+            module, attr = LAZY_COMMANDS[name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -43,8 +58,10 @@ def main() -> None:
 
 def _register() -> None:
     from .demo import demo
+    from .hub import pull, push
+    from .merge import extract, inspect, merge
 
-    for command in (demo,):
+    for command in (demo, push, pull, merge, inspect, extract):
         main.add_command(command)
 
 

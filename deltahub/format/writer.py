@@ -106,13 +106,13 @@ def _write_files(delta: SparseDelta, folder: Path, config: str, max_bytes: int) 
     (folder / CARD_FILE).write_text(model_card(delta), encoding="utf-8")
 
 
-def _occupied(target: Path) -> bool:
+def is_occupied(target: Path) -> bool:
     if target.is_symlink() or target.is_file():
         return True
     return target.is_dir() and any(target.iterdir())
 
 
-def _fresh_sibling(target: Path, tag: str) -> Path:
+def fresh_sibling(target: Path, tag: str) -> Path:
     # os.mkdir rather than tempfile.mkdtemp: mkdtemp's 0o700 mode would survive the rename and hide the delta
     # from other users; mkdir honours the umask like any folder the user creates.
     while True:
@@ -131,18 +131,18 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _install(tmp: Path, target: Path, overwrite: bool) -> None:
+def install_folder(tmp: Path, target: Path, overwrite: bool) -> None:
     if not (target.exists() or target.is_symlink()):
         os.replace(tmp, target)
         return
-    if not _occupied(target):
+    if not is_occupied(target):
         target.rmdir()
         os.replace(tmp, target)
         return
     if not overwrite:
         raise DeltaExistsError(f"{target} already exists and is not empty; pass overwrite=True to replace it")
     # Move the old delta aside first so that at every instant the target is either the old or the new delta.
-    old = _fresh_sibling(target, "old")
+    old = fresh_sibling(target, "old")
     os.rmdir(old)
     os.replace(target, old)
     try:
@@ -188,14 +188,14 @@ def save_delta(
     target = Path(path)
     if not target.name or target.name in (".", ".."):
         raise ValueError(f"save_delta needs a folder path with a name; got {os.fspath(path)!r}")
-    if _occupied(target) and not overwrite:
+    if is_occupied(target) and not overwrite:
         raise DeltaExistsError(f"{target} already exists and is not empty; pass overwrite=True to replace it")
     text = config_text(build_config(delta))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh_sibling(target, "tmp")
+    tmp = fresh_sibling(target, "tmp")
     try:
         _write_files(delta, tmp, text, max_bytes)
-        _install(tmp, target, overwrite)
+        install_folder(tmp, target, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

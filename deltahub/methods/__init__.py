@@ -249,7 +249,7 @@ def _resolve_weights(deltas: Sequence[SparseDelta], weights: Sequence[float] | N
     return check_weights(len(deltas), weights)
 
 
-def _combine_param(
+def combine_param(
     spec: MethodSpec,
     options: Mapping[str, Any],
     name: str,
@@ -313,7 +313,7 @@ def combine(
         params = {name: p.with_values_dtype(torch.float32) for name, p in deltas[0].items()}
     else:
         for name in names:
-            params[name] = _combine_param(spec, resolved, name, deltas, weights)
+            params[name] = combine_param(spec, resolved, name, deltas, weights)
     provenance = {
         "operation": "combine",
         "method": spec.name,
