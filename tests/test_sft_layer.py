@@ -7,6 +7,7 @@ from tiny import tiny_gpt2, tiny_llama, tokens
 from torch import nn
 
 import deltahub
+import training.layer as layer_module
 from training import SftConfig, get_sft_model, unwrap_sft_model
 from training.layer import SftLayerMixin
 
@@ -43,8 +44,12 @@ def _dense_reference_grads(model, batch):
     return {name: effective[name].grad.view(-1)[layer.sft_indices] for name, layer in layers.items()}
 
 
+@pytest.mark.parametrize("path", ["sddmm", "dense"])
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama-linear", "gpt2-conv1d"])
-def test_values_gradient_equals_dense_computation(make):
+def test_values_gradient_equals_dense_computation(make, path, monkeypatch):
+    # both ways of computing the sampled gradient, whatever the size rule would pick for these tiny weights
+    monkeypatch.setattr(layer_module, "SDDMM_MIN_NUMEL", 0)
+    monkeypatch.setattr(layer_module, "SDDMM_MAX_DENSITY", 1.0 if path == "sddmm" else 0.0)
     model = get_sft_model(make(), SftConfig(density=0.05, seed=1))
     with torch.no_grad():
         for layer in model.sft_layers.values():
@@ -57,8 +62,8 @@ def test_values_gradient_equals_dense_computation(make):
     reference = _dense_reference_grads(model, batch)
     for name in got:
         torch.testing.assert_close(got[name], reference[name], rtol=1e-4, atol=1e-6)
-    # outside a RigL window the sampled (SDDMM) path ran, never a dense product handed to an observer
-    assert all(layer._sft_pattern is not None for layer in model.sft_layers.values())
+    # outside a RigL window no dense product is handed to an observer; the SDDMM path built its CSR pattern
+    assert all((layer._sft_pattern is not None) == (path == "sddmm") for layer in model.sft_layers.values())
 
 
 def test_gradient_accumulation_and_checkpointing_give_the_same_gradient():
