@@ -132,7 +132,9 @@ def test_sm3_chunked_growth_matches_the_dense_outer_product():
     old = sm3.CHUNK_ELEMENTS
     sm3.CHUNK_ELEMENTS = 777  # many chunks, ragged
     try:
-        got = grow_sm3(row, col, kept, 120)
+        mask = torch.zeros(15000, dtype=torch.bool)
+        mask[kept] = True
+        got = grow_sm3(row, col, mask, 120)
     finally:
         sm3.CHUNK_ELEMENTS = old
     dense = (row[:, None] * col[None, :]).view(-1)

@@ -31,8 +31,8 @@ class RiglStats:
                 dist.all_reduce(flat, group=self.group)
                 flat /= dist.get_world_size(self.group)
             n = min(self.numel, 2 * self.k)
-            # sort, not topk: a stable order makes equal magnitudes resolve the same way on every rank
-            self.candidates = torch.sort(flat.abs(), descending=True, stable=True).indices[:n]
+            # every rank holds the same (all-reduced) gradient here, so topk picks the same candidates on each
+            self.candidates = torch.topk(flat.abs(), n, sorted=False).indices
             self.sum_g = torch.zeros(n, dtype=torch.float32, device=flat.device)
             self.sum_g2 = torch.zeros_like(self.sum_g)
             self.current = torch.zeros_like(self.sum_g)
@@ -75,16 +75,16 @@ class RiglStats:
 
 
 def grow_rigl(
-    stats: RiglStats, kept: torch.Tensor, n: int
+    stats: RiglStats, kept_mask: torch.Tensor, n: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Up to ``n`` candidate positions not in ``kept`` with the largest |mean gradient|.
+    """Up to ``n`` candidate positions not kept (``kept_mask[position]`` False) with the largest |mean gradient|.
 
     Returns ``(positions, grad_mean, grad_sq_mean)`` of the chosen candidates.
     """
     mean_g, mean_g2 = stats.means()
     candidates = stats.candidates
-    eligible = ~torch.isin(candidates, kept)
+    eligible = ~kept_mask[candidates]
     score = torch.where(eligible, mean_g.abs(), torch.full_like(mean_g, -1.0))
     n = min(n, int(eligible.sum()))
-    chosen = torch.sort(score, descending=True, stable=True).indices[:n]
+    chosen = torch.topk(score, n, sorted=False).indices
     return candidates[chosen], mean_g[chosen], mean_g2[chosen]

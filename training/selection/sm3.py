@@ -12,20 +12,18 @@ import torch
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 scores at a time
 
 
-def grow_sm3(row: torch.Tensor, col: torch.Tensor, kept: torch.Tensor, n: int) -> torch.Tensor:
-    """The ``n`` positions not in ``kept`` with the largest ``row[i] * col[j]`` (flat, row-major)."""
+def grow_sm3(row: torch.Tensor, col: torch.Tensor, kept_mask: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` positions not kept (``kept_mask`` is a flat bool mask) with the largest ``row[i] * col[j]``."""
     rows, cols = row.numel(), col.numel()
     if n <= 0:
-        return kept.new_empty(0)
-    kept_sorted = torch.sort(kept).values
+        return torch.empty(0, dtype=torch.int64, device=row.device)
     chunk_rows = max(1, CHUNK_ELEMENTS // cols)
     best_scores = torch.empty(0, dtype=torch.float32, device=row.device)
     best_positions = torch.empty(0, dtype=torch.int64, device=row.device)
     for start in range(0, rows, chunk_rows):
         stop = min(rows, start + chunk_rows)
         scores = (row[start:stop, None] * col[None, :]).reshape(-1)
-        lo, hi = torch.searchsorted(kept_sorted, torch.tensor([start * cols, stop * cols], device=row.device))
-        scores[kept_sorted[lo:hi] - start * cols] = -1.0  # scores are >= 0: kept positions never win
+        scores.masked_fill_(kept_mask[start * cols : stop * cols], -1.0)  # scores are >= 0: kept never win
         take = min(n, scores.numel())
         top = torch.topk(scores, take, sorted=False)
         best_scores = torch.cat([best_scores, top.values])
