@@ -1,8 +1,9 @@
 """Training-step cost of sparse fine-tuning against the floor, LoRA and full fine-tuning.
 
 A ~60M Llama built from a config (hidden 512, 8 layers, intermediate 1376, vocab 32000), fp32, batch 4 x 256
-tokens, 2 threads. Each configuration runs in its own process (so peak RSS is its own), in this order, and the
-parent prints medians and the ratios between them:
+tokens, 2 threads. Step times come from one process that steps every configuration in turn (shared-machine
+noise then hits all of them alike); peak RSS from a separate fresh process per configuration. The
+configurations:
 
   floor      frozen base forward + backward to the inputs (what any adapter must at least pay)
   sft-rigl   SFT, RigL selection, same trainable count as LoRA r=16 on all linear layers
@@ -58,66 +59,95 @@ def lora_param_count(model) -> int:
     )
 
 
-def worker(name: str, steps: int, threads: int) -> dict:
-    import torch
+class Setup:
+    """One configuration: its model, optimizer and (for SFT) selector, stepped one update at a time."""
 
-    torch.set_num_threads(threads)
-    model = build_model()
-    n_lora = lora_param_count(model)
-    selector = None
-    if name == "floor":
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.enable_input_require_grads()  # backward runs through every layer, no weight gradients
-        optimizer = None
-    elif name.startswith("sft"):
-        from training import SftAdamW, SftConfig, SftSelector, SftSM3, get_sft_model
+    def __init__(self, name: str):
+        import torch
 
-        algorithm = name.split("-")[1]
-        model = get_sft_model(model, SftConfig(num_tunable_weights=n_lora, selection_algorithm=algorithm))
-        params = [p for p in model.parameters() if p.requires_grad]
-        if algorithm == "sm3":
-            optimizer = SftSM3(params, model.active_deltas(), lr=0.1)
+        self.name = name
+        model = build_model()
+        self.lora_count = lora_param_count(model)
+        self.selector = None
+        if name == "floor":
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.enable_input_require_grads()  # backward runs through every layer, no weight gradients
+            self.optimizer = None
+        elif name.startswith("sft"):
+            from training import SftAdamW, SftConfig, SftSelector, SftSM3, get_sft_model
+
+            algorithm = name.split("-")[1]
+            model = get_sft_model(
+                model, SftConfig(num_tunable_weights=self.lora_count, selection_algorithm=algorithm)
+            )
+            params = [p for p in model.parameters() if p.requires_grad]
+            if algorithm == "sm3":
+                self.optimizer = SftSM3(params, model.active_deltas(), lr=0.1)
+            else:
+                self.optimizer = SftAdamW(params, lr=1e-3)
+            self.selector = SftSelector(model, self.optimizer, total_update_steps=1000)
+        elif name == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(
+                model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
+            )
+            self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         else:
-            optimizer = SftAdamW(params, lr=1e-3)
-        selector = SftSelector(model, optimizer, total_update_steps=1000)
-    elif name == "lora":
-        from peft import LoraConfig, get_peft_model
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        self.model = model.train()
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.gen = torch.Generator().manual_seed(1)
+        self.step_count = 0
+        self.times = {"normal": [], "window": [], "reselect": []}
 
-        model = get_peft_model(
-            model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
-        )
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    gen = torch.Generator().manual_seed(1)
-    model.train()
-    times = {"normal": [], "window": [], "reselect": []}
-    for step in range(1, steps + 1):
-        batch = torch.randint(0, 32000, (BATCH, SEQ), generator=gen)
+    def step(self) -> None:
+        import torch
+
+        self.step_count += 1
+        batch = torch.randint(0, 32000, (BATCH, SEQ), generator=self.gen)
+        selector = self.selector
         in_window = (
             selector is not None
             and selector.config.selection_algorithm == "rigl"
-            and (selector.schedule.in_window(step))
+            and selector.schedule.in_window(self.step_count)
         )
         t0 = time.perf_counter()
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        self.model(input_ids=batch, labels=batch).loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         t1 = time.perf_counter()
         if selector is not None:
             selector.step()
         t2 = time.perf_counter()
-        if step <= 2:
-            continue  # warm-up (allocator, first reselection state)
-        times["window" if in_window else "normal"].append(t1 - t0)
-        if selector is not None and selector.schedule.is_reselection(step):
-            times["reselect"].append(t2 - t1)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"name": name, "trainable": trainable, "lora_count": n_lora, "times": times, "peak_rss_mb": rss_mb}
+        if self.step_count <= 2:
+            return  # warm-up (allocator, first reselection state)
+        self.times["window" if in_window else "normal"].append(t1 - t0)
+        if selector is not None and selector.schedule.is_reselection(self.step_count):
+            self.times["reselect"].append(t2 - t1)
+
+
+def memory_worker(name: str, steps: int, threads: int) -> dict:
+    """Peak RSS of one configuration alone in a fresh process (a selection window and reselection included)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    setup = Setup(name)
+    for _ in range(steps):
+        setup.step()
+    return {"peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's own high-water RSS. Not getrusage's ru_maxrss: Linux carries that across exec, so a
+    child of a big parent would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -130,26 +160,28 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.threads)))
+        print(json.dumps(memory_worker(args.worker, args.steps, args.threads)))
         return
-    results = {}
-    for name in args.configs.split(","):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    names = args.configs.split(",")
+    # Timing: all configurations in this one process, stepped in turn, so machine noise hits them alike.
+    setups = {name: Setup(name) for name in names}
+    for _ in range(args.steps):
+        for setup in setups.values():
+            setup.step()
+    results = {n: {"trainable": s.trainable, "times": s.times} for n, s in setups.items()}
+    del setups
+    # Memory: each configuration alone in a fresh process.
+    for name in names:
         proc = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--worker",
-                name,
-                "--steps",
-                str(args.steps),
-                "--threads",
-                str(args.threads),
-            ],
+            [sys.executable, __file__, "--worker", name, "--steps", "7", "--threads", str(args.threads)],
             capture_output=True,
             text=True,
             check=True,
         )
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[name].update(json.loads(proc.stdout.strip().splitlines()[-1]))
     med = statistics.median
     print(
         f"Llama 60M fp32, batch {BATCH}x{SEQ}, {args.threads} threads, {args.steps} steps per config "
