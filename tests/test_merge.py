@@ -314,10 +314,10 @@ def test_a_failure_mid_way_removes_the_temporary_folder(setup, monkeypatch):
             raise RuntimeError("boom")
         return real(t, p, **kwargs)
 
-    import deltahub.merging as m
+    import deltahub.merging.write as w
 
-    real = m.add_in_place
-    monkeypatch.setattr(m, "add_in_place", failing)
+    real = w.add_in_place
+    monkeypatch.setattr(w, "add_in_place", failing)
     before = file_hashes(base)
     with pytest.raises(RuntimeError, match="boom"):
         merge(base, paths, out=root / "out", progress=False)
@@ -329,8 +329,9 @@ def test_a_failure_mid_way_removes_the_temporary_folder(setup, monkeypatch):
 def test_disk_full_is_a_clear_error_and_leaves_nothing(setup, monkeypatch):
     root, base, _, paths = setup
     import deltahub.merging as m
+    import deltahub.merging.write as w
 
-    real = m._write_all
+    real = w._write_all
     written = []
 
     def full(fd, data):
@@ -339,8 +340,8 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(setup, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fd, data)
 
-    monkeypatch.setattr(m, "_write_all", full)
-    monkeypatch.setattr(m._Copier, "__init__", lambda self: setattr(self, "kernel", False))
+    monkeypatch.setattr(w, "_write_all", full)
+    monkeypatch.setattr(w._Copier, "__init__", lambda self: setattr(self, "kernel", False))
     with pytest.raises(
         OutOfSpaceError, match=r"not enough disk space for the merged model in .*: free some space"
     ):
@@ -376,11 +377,12 @@ def test_a_stale_temporary_folder_of_a_dead_merge_is_removed(setup):
 _KILL_SCRIPT = """
 import sys, time
 import deltahub.merging as m
-real = m._write_all
+import deltahub.merging.write as w
+real = w._write_all
 def slow(fd, data):
     real(fd, data)
     time.sleep(0.05)  # slow enough for the parent to see a shard and kill us mid-way
-m._write_all = slow
+w._write_all = slow
 m.merge(sys.argv[1], sys.argv[2:], out=sys.argv[1] + "-merged", max_shard_size="20KB", progress=False)
 """
 

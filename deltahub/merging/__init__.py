@@ -1,0 +1,210 @@
+"""The deployment merge: a base checkpoint plus sparse deltas, streamed into a standard model folder.
+
+``merge(base, deltas, out=...)`` writes what ``transformers``, vLLM and friends load with no deltahub installed:
+sharded safetensors with ``model.safetensors.index.json`` (or one ``model.safetensors``), the base's config,
+generation config, tokenizer and chat template, and a ``README.md`` model card recording the base and every delta.
+
+How it streams (see ``docs/merge.md``):
+
+* Everything is validated before the first byte is written: deltas are loaded (they are small), the base is
+  read from its safetensors headers only (names, shapes, dtypes, byte ranges), and the fingerprint check reads
+  just the 8 sampled elements per touched parameter.
+* The output layout is planned up front from header sizes, so the shard count, every shard's header and the index
+  are known before writing; each shard is then written front to back, one tensor at a time.
+* Every tensor kept in its dtype is copied file to file inside the kernel (``os.copy_file_range``, what ``cp``
+  uses), never entering this process. For a touched one the deltas' combined entries for that tensor alone are
+  then added in place through a shared map of just its pages in the output file, with
+  :func:`deltahub.apply.add_in_place` (the one definition of the arithmetic, so the weights are bit-identical to
+  :func:`deltahub.load_model`), and the map is closed before the next tensor. A tensor cast to another dtype is
+  read with ``pread`` into a scratch buffer, cast, patched and written. No memory map of the base: pages of a
+  mapped file count in the process's RSS until unmapped, so mapping a 14 GB base would report 14 GB.
+* Combining a tensor's entries (a sort of their union) runs in a worker thread a few tensors ahead of the
+  writer, overlapping the CPU work with the copies.
+* Peak memory is about the loaded deltas plus the pages of the largest touched tensor (and its cast copy with
+  ``dtype``), independent of model size.
+* The folder is written under a hidden temporary sibling (``.NAME.merge-PID-XXXX``) and renamed into place at the
+  end; a failure removes it, and one left by a killed run is removed by the next merge into the same place.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._dtypes import VALUE_DTYPES, parse_dtype
+from ..apply import check_base
+from ..checkpoint import INDEX_NAME
+from ..delta import SparseDelta, common_base
+from ..errors import BaseMismatchError, DeltaExistsError, OutOfSpaceError
+from ..format.spec import parse_size
+from ..format.writer import install_folder, is_occupied
+from ..methods import resolve_options
+from ..overlap import overlap_report
+from ..sources import DeltaSource, describe, resolve_deltas
+from .base import MARKER, BaseFiles, resolve_model
+from .card import model_card
+from .plan import DeltaInfo, MergePlan, MergeResult, shard_layout
+from .write import combined, copy_extras, index, make_tmp, remove_stale, space_error, write_shards
+
+__all__ = ["MergePlan", "MergeResult", "OutOfSpaceError", "merge", "model_card", "resolve_model"]
+
+# --------------------------------------------------------------------------------------------------------------
+# The function
+
+
+def merge(
+    base: str | os.PathLike,
+    deltas: DeltaSource | Sequence[DeltaSource],
+    *,
+    out: str | os.PathLike,
+    weights: Sequence[float] | None = None,
+    method: str = "sum",
+    method_options: Mapping[str, Any] | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    force: bool = False,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+) -> MergeResult:
+    """Merge sparse deltas into a base checkpoint and write a standard transformers model folder, streaming.
+
+    The result equals ``load_model(base, deltas, weights, method, dtype=dtype)`` weight for weight (same
+    float32 arithmetic, rounded once), so plain ``AutoModelForCausalLM.from_pretrained(out)`` gives the same
+    logits. Tensors no delta touches are copied byte for byte.
+
+    Args:
+        base: a local model folder (safetensors) or a Hub id ``org/name[@revision]``.
+        deltas: delta folders, files, Hub ids (``org/name@revision``) or SparseDelta objects.
+        out: the folder to create (refused if it exists and is not empty, unless ``overwrite``).
+        weights: one per delta (default 1.0); negative subtracts.
+        method, method_options: the combination method and its options (``{"density": 0.3}`` for ties).
+        dtype: output dtype of floating tensors (float32, bfloat16, float16); default: the base's. The base is
+            cast first and the deltas added in that dtype, as ``load_model(..., dtype=...)`` does.
+        max_shard_size: bytes per output file, an int or a string like ``"5GB"`` or ``"2GiB"``.
+        force: skip the base fingerprint check (names and shapes are always checked).
+        overwrite: replace an existing ``out`` (swapped in only once the new folder is complete).
+        dry_run: validate and plan, write nothing; the result's ``out`` is None.
+        progress: show a progress bar (hidden anyway when not writing to a terminal).
+
+    Returns:
+        A :class:`MergeResult` with the :class:`MergePlan` (``str(plan)`` is the dry-run report).
+
+    Raises:
+        DeltaFormatError, BaseMismatchError, CheckpointError, UnknownMethodError, MethodOptionError, ValueError,
+        DeltaExistsError (``out`` exists), OutOfSpaceError: all but the last before anything is written.
+
+    Example:
+        >>> merge("meta-llama/Llama-3.2-1B@main", ["./math-delta", "./code-delta"], weights=[1.0, 0.5],
+        ...       out="./llama-math-code", dtype="bfloat16")
+    """
+    options = resolve_options(method, method_options or {})
+    out_dtype = parse_dtype(dtype, allowed=VALUE_DTYPES, what="dtype") if dtype is not None else None
+    max_bytes = parse_size(max_shard_size)
+    out = Path(out)
+    if not out.name or out.name in (".", ".."):
+        raise ValueError(f"--out needs a folder path with a name; got {os.fspath(out)!r}")
+    if is_occupied(out) and not overwrite:
+        raise DeltaExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    delta_list, weight_list = resolve_deltas(deltas, weights)
+    if not delta_list:
+        raise ValueError("merge needs at least one delta")
+    common_base(delta_list)
+    base_folder, base_id, base_revision = resolve_model(base)
+    base_files = BaseFiles(base_folder)
+    try:
+        _check_out(out, base_folder)
+        wanted = list(dict.fromkeys(n for d in delta_list for n in d))
+        base_files.resolve_aliases(wanted)
+        check_base(delta_list, base_files, force=force)
+        users: dict[str, list[str]] = {}
+        for n in wanted:
+            users.setdefault(base_files.aliases.get(n, n), []).append(n)
+        _check_tied(users, delta_list, weight_list, method, options)
+        tensors, shards = shard_layout(base_files, out_dtype, max_bytes, users)
+        if base_id == str(base) and base_files.config and base_files.config.get("_name_or_path"):
+            base_id = base_files.config["_name_or_path"]
+        plan = MergePlan(
+            base=base_id,
+            base_revision=base_revision,
+            deltas=[
+                _delta_info(d, i, w) for i, (d, w) in enumerate(zip(delta_list, weight_list, strict=True))
+            ],
+            method=method,
+            options=options,
+            dtype=out_dtype,
+            tensors=tensors,
+            shards=shards,
+            out=out,
+        )
+        if dry_run:
+            if len(delta_list) > 1:
+                plan.overlap = overlap_report(delta_list, weight_list)
+            return MergeResult(plan, None)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)
+        free = shutil.disk_usage(out.parent).free
+        if free < plan.total_size:
+            raise space_error(out, plan.total_size, free)
+        tmp = make_tmp(out)
+        try:
+            nnz = write_shards(base_files, plan, tmp, delta_list, weight_list, progress)
+            if len(shards) > 1:
+                (tmp / INDEX_NAME).write_text(json.dumps(index(plan), indent=2) + "\n", encoding="utf-8")
+            copy_extras(base_folder, tmp, plan, base_files.config)
+            (tmp / "README.md").write_text(model_card(plan), encoding="utf-8")
+            (tmp / MARKER).unlink()
+            install_folder(tmp, out, overwrite)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if err.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(err, OutOfSpaceError):
+                raise space_error(out, plan.total_size, None, err) from err
+            raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        base_files.close()
+    return MergeResult(plan, out, nnz)
+
+
+def _check_out(out: Path, base_folder: Path) -> None:
+    """Refuse an ``out`` that is the base or holds it: replacing it would destroy the weights being read."""
+    o, b = out.resolve(), base_folder.resolve()
+    if o == b or o in b.parents:
+        raise ValueError(
+            f"--out {out} is (or contains) the base model folder {base_folder}; choose another folder"
+        )
+
+
+def _check_tied(
+    users: Mapping[str, list[str]],
+    deltas: Sequence[SparseDelta],
+    weights: Sequence[float],
+    method: str,
+    options: Mapping[str, Any],
+) -> None:
+    """A tied tensor changed under two names must get the same change from both (as apply_deltas requires)."""
+    for stored, names in users.items():
+        if len(names) > 1:
+            first = combined(names[0], deltas, weights, method, options)
+            for other in names[1:]:
+                if not first.equal(combined(other, deltas, weights, method, options)):
+                    raise BaseMismatchError(
+                        f"{names[0]} and {other} are one tied tensor ({stored}) in this model but the deltas change "
+                        "them differently; keep one of the two names in the delta"
+                    )
+
+
+def _delta_info(delta: SparseDelta, position: int, weight: float) -> DeltaInfo:
+    origin = delta.origin
+    source = origin.get("repo_id") or origin.get("path") or describe(delta, position)
+    revision = origin.get("commit") or origin.get("revision") or None
+    return DeltaInfo(str(source), revision, weight, len(delta), delta.nnz)
