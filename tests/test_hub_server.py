@@ -1,4 +1,4 @@
-"""The loopback Hub server (tests/hub_server.py) driven by the real huggingface_hub client over HTTP."""
+"""The loopback Hub server (deltahub/localhub) driven by the real huggingface_hub client over HTTP."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hub_server import HubServer
 from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationDelete,
@@ -33,7 +32,8 @@ from huggingface_hub.utils import get_session
 from huggingface_hub.utils.sha import git_hash
 from safetensors.numpy import save_file
 
-HERE = Path(__file__).parent
+from deltahub.localhub import HubServer
+
 # The client's own LFS upload (lfs._upload_single_part) passes `data=<file>` to httpx2, which deprecates it.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
 
@@ -408,7 +408,8 @@ def test_standalone_command_line(tmp_path):
     proc = subprocess.Popen(
         [
             sys.executable,
-            str(HERE / "hub_server.py"),
+            "-m",
+            "deltahub.localhub",
             "--port",
             "0",
             "--root",

@@ -1,4 +1,5 @@
-"""A small Hugging Face Hub-compatible HTTP server for tests (standard library + PyYAML).
+"""A small Hugging Face Hub-compatible HTTP server for tests and the demo (standard library + PyYAML, which
+deltahub already depends on).
 
 It serves what the real `huggingface_hub` client (2.4) uses for model repos, verified against the client's source:
 whoami-v2; create / delete repo; repo info (``/api/models/{id}[/revision/{rev}]``); tree and paths-info; refs;
@@ -8,7 +9,7 @@ commits; preupload; commit (NDJSON: header, file, lfsFile, deletedFile, deletedF
 ``Range``); and ``/api/validate-yaml``. Revisions may be branches, tags, ``refs/pr/N`` (URL-encoded or not) or full
 commit shas. Errors carry ``X-Error-Code`` (RepoNotFound, RevisionNotFound, EntryNotFound) and a JSON ``error``, so
 the client raises RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError or HfHubHTTPError.
-Storage and git semantics live in tests/hub_store.py.
+Storage and git semantics live in store.py.
 
 Upload path. With `hf_xet` installed (it is a dependency), huggingface_hub 2.4 uploads every file that preupload
 marks "lfs" through Xet storage, with no fallback (`_commit_api._upload_files`), and `upload_folder` takes the Xet
@@ -27,7 +28,7 @@ repo is a 404 RepoNotFound for anyone but its namespace's user / org members; wr
 namespace (401 without a token, 403 with another one). Tokens are never stored, and logs hold only request lines
 and error messages.
 
-Standalone: ``python tests/hub_server.py --port 8765 --root /tmp/hub --token hf_xxx:alice [--org acme:alice]``
+Standalone: ``python -m deltahub.localhub --port 8765 --root /tmp/hub --token hf_xxx:alice [--org acme:alice]``
 (``--port 0`` picks a free port; the URL is the first line on stdout).
 """
 
@@ -44,7 +45,7 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from hub_store import (
+from .store import (
     REPO_NAME,
     HubError,
     RepoStore,
@@ -591,7 +592,3 @@ def main(argv=None) -> None:
         pass
     finally:
         server.stop()
-
-
-if __name__ == "__main__":
-    main()

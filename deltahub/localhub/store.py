@@ -1,4 +1,4 @@
-"""Storage and git-like semantics of the test Hub (tests/hub_server.py serves them over HTTP).
+"""Storage and git-like semantics of the test Hub (server.py serves them over HTTP).
 
 Layout: ``root/repos/<namespace>/<name>/repo.json`` holds one repo's refs, commits and pull requests;
 ``.../blobs/<sha256>`` holds each file content once. A commit is an immutable snapshot: ``files`` maps each path to
