@@ -8,7 +8,7 @@ from torch import nn
 
 import deltahub
 import training.layer as layer_module
-from training import SftConfig, get_sft_model, unwrap_sft_model
+from training import SftConfig, get_sft_model, kernels, unwrap_sft_model
 from training.layer import SftLayerMixin
 
 
@@ -44,10 +44,14 @@ def _dense_reference_grads(model, batch):
     return {name: effective[name].grad.view(-1)[layer.sft_indices] for name, layer in layers.items()}
 
 
-@pytest.mark.parametrize("path", ["sddmm", "dense"])
+@pytest.mark.parametrize("path", ["kernel", "sddmm", "dense"])
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama-linear", "gpt2-conv1d"])
 def test_values_gradient_equals_dense_computation(make, path, monkeypatch):
-    # both ways of computing the sampled gradient, whatever the size rule would pick for these tiny weights
+    # every way of computing the sampled gradient, whatever the size rules would pick for these tiny weights
+    if path == "kernel" and kernels.library() is None:
+        pytest.skip("no C compiler with OpenMP here: the CPU kernel cannot be built")
+    monkeypatch.setattr(layer_module, "KERNEL_MAX_DENSITY", 1.0 if path == "kernel" else 0.0)
+    monkeypatch.setattr(layer_module, "KERNEL_MIN_NUMEL", 0)
     monkeypatch.setattr(layer_module, "SDDMM_MIN_NUMEL", 0)
     monkeypatch.setattr(layer_module, "SDDMM_MAX_DENSITY", 1.0 if path == "sddmm" else 0.0)
     model = get_sft_model(make(), SftConfig(density=0.05, seed=1))
@@ -62,8 +66,8 @@ def test_values_gradient_equals_dense_computation(make, path, monkeypatch):
     reference = _dense_reference_grads(model, batch)
     for name in got:
         torch.testing.assert_close(got[name], reference[name], rtol=1e-4, atol=1e-6)
-    # outside a RigL window no dense product is handed to an observer; the SDDMM path built its CSR pattern
-    assert all((layer._sft_pattern is not None) == (path == "sddmm") for layer in model.sft_layers.values())
+    # outside a RigL window no dense product is formed; the sampled paths built their sorted pattern
+    assert all((layer._sft_pattern is not None) == (path != "dense") for layer in model.sft_layers.values())
 
 
 def test_gradient_accumulation_and_checkpointing_give_the_same_gradient():

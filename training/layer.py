@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 try:  # GPT-2 style models use transformers' Conv1D: a linear layer with a transposed [in, out] weight.
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
@@ -29,12 +31,44 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 
 Observer = Callable[[torch.Tensor], None]
 
-# When the sampled product (SDDMM) beats one dense product plus a gather. Measured on a 2-core Xeon (AVX-512,
-# torch 2.13, 1024 tokens): the SDDMM's transposed operand copies cost ~2 ms, so it wins only on weights of
-# 512K+ elements below ~3% density (3.1 vs 5.0 ms at 1% on 1376x512; 5.7 vs 4.9 ms at 5%). Not yet measured
-# on CUDA; the same rule applies there. Either way only the active positions' gradient is kept.
+# On CPU, deltahub's own kernel (training/kernels.py) computes the sampled product where it beats one dense
+# product plus a gather. Measured on a 2-core Xeon (AVX-512, torch 2.13), 512-1024 tokens: 1.7-1.9x faster
+# at 5% density on 576x576 to 1536x576 weights, 3.4x at 1%, even at ~10%, slower above; no gain on weights
+# under ~256K elements (0.95x on 192x576).
+KERNEL_MAX_DENSITY = 0.08
+KERNEL_MIN_NUMEL = 1 << 18
+# Elsewhere (CUDA, or no C compiler), torch.sparse.sampled_addmm where it beats the dense product. Measured on
+# the same CPU: its transposed operand copies cost ~2 ms, so it wins only on weights of 512K+ elements below
+# ~3% density (3.1 vs 5.0 ms at 1% on 1376x512; 5.7 vs 4.9 ms at 5%). Not yet measured on CUDA. Either way
+# only the active positions' gradient is kept.
 SDDMM_MAX_DENSITY = 0.03
 SDDMM_MIN_NUMEL = 1 << 19
+
+
+class _Pattern:
+    """The active positions of one weight, sorted row-major along its longer side (``flipped``: the
+    [cols, rows] view of the weight), with ``perm`` mapping slot order to that order."""
+
+    def __init__(self, perm, rows, cols, shape, flipped):
+        self.perm, self.rows, self.cols, self.shape, self.flipped = perm, rows, cols, shape, flipped
+        self._int32 = self._csr = None
+
+    def int32(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._int32 is None:
+            self._int32 = (self.rows.to(torch.int32), self.cols.to(torch.int32))
+        return self._int32
+
+    def csr(self) -> torch.Tensor:
+        if self._csr is None:
+            n_rows = self.shape[0]
+            crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=self.rows.device)
+            torch.cumsum(torch.bincount(self.rows, minlength=n_rows), 0, out=crow[1:])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                self._csr = torch.sparse_csr_tensor(
+                    crow, self.cols, torch.zeros(self.rows.numel(), device=self.rows.device), self.shape
+                )
+        return self._csr
 
 
 class SftLayerMixin:
@@ -62,27 +96,18 @@ class SftLayerMixin:
     def sft_mark_synced(self) -> None:
         self._sft_synced_version = self.sft_values._version
 
-    def sft_pattern(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """``(perm, csr, flipped)``: the CSR pattern of the active positions for the SDDMM, the slot permutation
-        that orders them for it, and whether the pattern is over the transposed gradient.
-
-        The CPU kernel walks the pattern row by row, so it runs fastest with more (shorter) rows: measured on a
-        2-core Xeon, orienting the pattern along the longer side halves the time for 512 x 1376 weights.
-        """
+    def sft_pattern(self) -> _Pattern:
+        """The active positions sorted for the sampled products (cached until the positions change)."""
         if self._sft_pattern is None:
             rows, cols = self.sft_matrix_shape
+            # Sorted along the longer side: the kernels walk the positions row by row and run fastest with
+            # more, shorter rows (measured on a 2-core Xeon: half the time for 512 x 1376 weights).
             flipped = cols > rows
             r, c = self.sft_indices // cols, self.sft_indices % cols
             if flipped:
                 rows, cols, r, c = cols, rows, c, r
             perm = torch.argsort(r * cols + c)
-            r, c = r[perm], c[perm]
-            crow = torch.zeros(rows + 1, dtype=torch.int64, device=r.device)
-            torch.cumsum(torch.bincount(r, minlength=rows), 0, out=crow[1:])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-                csr = torch.sparse_csr_tensor(crow, c, torch.zeros(r.numel(), device=r.device), (rows, cols))
-            self._sft_pattern = (perm, csr, flipped)
+            self._sft_pattern = _Pattern(perm, r[perm], c[perm], (rows, cols), flipped)
         return self._sft_pattern
 
     def sft_invalidate_pattern(self) -> None:
@@ -176,18 +201,29 @@ def values_grad(layer: SftLayerMixin, gy: torch.Tensor, x2d: torch.Tensor) -> to
     observer = layer.sft_observer
     k = layer.sft_indices.numel()
     numel = layer.weight.numel()
-    if observer is not None or k > SDDMM_MAX_DENSITY * numel or numel < SDDMM_MIN_NUMEL:
-        dense = a @ b
-        if observer is not None:
-            observer(dense)
-        return dense.view(-1).index_select(0, layer.sft_indices)
-    perm, csr, flipped = layer.sft_pattern()
-    # The kernel reads its second operand column by column: hand it a column-major view (a transposed copy).
-    if flipped:  # sample (a @ b)^T = b^T @ a^T
-        mat1, mat2 = b.t().contiguous(), a.contiguous().t()
-    else:
-        mat1, mat2 = a.contiguous(), b.t().contiguous().t()
-    sampled = torch.sparse.sampled_addmm(csr, mat1, mat2, beta=0.0).values()
+    if observer is None:
+        kernel_fits = k <= KERNEL_MAX_DENSITY * numel and numel >= KERNEL_MIN_NUMEL
+        if a.device.type == "cpu" and kernel_fits and kernels.library() is not None:
+            pattern = layer.sft_pattern()
+            # the kernel samples P^T @ Q from token-major operands: for a @ b, P = a^T and Q = b (no copies)
+            p, q = (b, a.t()) if pattern.flipped else (a.t(), b)
+            return _to_slot_order(kernels.sampled_dot(p, q, *pattern.int32()), pattern.perm)
+        if k <= SDDMM_MAX_DENSITY * numel and numel >= SDDMM_MIN_NUMEL:
+            pattern = layer.sft_pattern()
+            # sampled_addmm's CPU kernel reads its second operand column by column: a column-major view
+            if pattern.flipped:  # sample (a @ b)^T = b^T @ a^T
+                mat1, mat2 = b.t().contiguous(), a.contiguous().t()
+            else:
+                mat1, mat2 = a.contiguous(), b.t().contiguous().t()
+            sampled = torch.sparse.sampled_addmm(pattern.csr(), mat1, mat2, beta=0.0).values()
+            return _to_slot_order(sampled, pattern.perm)
+    dense = a @ b
+    if observer is not None:
+        observer(dense)
+    return dense.view(-1).index_select(0, layer.sft_indices)
+
+
+def _to_slot_order(sampled: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(sampled)
     out[perm] = sampled
     return out
