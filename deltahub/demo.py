@@ -59,7 +59,8 @@ SHAKESPEARE_HELD_OUT = "macbeth"
 
 @dataclass(frozen=True)
 class Settings:
-    """Budgets for one run. The defaults fit 10 minutes on 2 CPU cores for SmolLM2-135M (measured)."""
+    """Budgets for one run. The defaults take about 7 minutes on 2 CPU cores for SmolLM2-135M (measured; the
+    limit is 10)."""
 
     steps: int
     density: float
@@ -99,8 +100,12 @@ class Task:
 
     @property
     def prompt(self) -> str:
-        """The first lines of the held-out text: the model continues something it has not trained on."""
-        return "\n".join(self.held_out[:400].splitlines()[:4]) + "\n"
+        """The first lines of the held-out text (something the model has not trained on), up to where the fifth
+        line's text begins: ending on a bare newline before indented code split the newline-and-indent token
+        the model knows, and the merged model answered with lines of ``#`` (seen on SmolLM2)."""
+        lines = self.held_out[:400].splitlines(keepends=True)
+        following = lines[4] if len(lines) > 4 else ""
+        return "".join(lines[:4]) + following[: len(following) - len(following.lstrip(" \t"))]
 
 
 @dataclass

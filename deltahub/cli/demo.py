@@ -64,7 +64,7 @@ def demo(
     a loopback Hub-compatible server and pulls them back, prints held-out losses of load-time compositions
     (each delta alone, both summed or merged with TIES, one negated), merges both with TIES into a standard
     model folder, checks that plain transformers reproduces the composition's logits, and samples from it. Every step is a real `deltahub`
-    command, printed before it runs. About 10 minutes on 2 CPU cores.
+    command, printed before it runs. About 7 minutes on 2 CPU cores.
 
     \b
     Examples:
