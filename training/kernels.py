@@ -2,9 +2,10 @@
 
 ``torch.sparse.sampled_addmm`` on CPU costs about as much as the dense product it samples (measured: 5.7 vs 4.9
 ms at 5% density on a 1376 x 512 weight), so without this kernel SFT pays a whole dense weight gradient per
-linear layer. The kernel is plain C with OpenMP, compiled once per machine with the system C compiler into
-``~/.cache/deltahub/kernels`` (about a second) and called through ``ctypes``; where no compiler works, or with
-``DELTAHUB_SDDMM_KERNEL=0``, training falls back to the dense product (same values, slower) with one warning.
+linear layer. The kernel is plain C with OpenMP, compiled once per machine with the system C compiler (about a
+second) into ``kernels/`` of deltahub's cache (``$DELTAHUB_CACHE``, else ``~/.cache/deltahub``) and called
+through ``ctypes``; where no compiler works, or with ``DELTAHUB_SDDMM_KERNEL=0``, training falls back to the
+dense product (same values, slower) with one warning.
 The library links ``libgomp.so.1``, the soname torch's own OpenMP runtime is already loaded under, so the kernel
 runs on torch's thread pool (checked in /proc/self/maps): no second pool spinning against torch's threads.
 """
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from deltahub.assets import cache_dir
+
 SOURCE = Path(__file__).with_name("csrc") / "sddmm.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # The transposed block of the shorter operand (n x tb floats) is sized to stay in a core's L2 cache.
@@ -33,13 +36,6 @@ _ARGTYPES = [
     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
 ]  # fmt: skip
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("DELTAHUB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "deltahub"
-    )
-    return Path(root) / "kernels"
 
 
 def _compile(compiler: str, target: Path) -> None:
@@ -66,7 +62,7 @@ def library() -> ctypes.CDLL | None:
         key = hashlib.sha256(
             SOURCE.read_bytes() + " ".join((compiler, *FLAGS, platform.machine(), platform.node())).encode()
         ).hexdigest()[:16]
-        target = _cache_dir() / f"sddmm-{key}.so"
+        target = cache_dir() / "kernels" / f"sddmm-{key}.so"
         try:
             if not target.exists():
                 _compile(compiler, target)
