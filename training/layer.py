@@ -5,9 +5,10 @@ How it avoids the reference implementation's cost:
   ``round(base + values)`` (the base values there are kept in ``sft_base``, O(k)), re-written only when the
   values changed (an optimizer step bumps their autograd version counter). The forward is then a plain
   ``F.linear`` and ``grad_x = grad_y @ W`` is the same product a frozen model computes.
-- No dense weight gradient: the values' gradient is ``(grad_y^T @ x)`` sampled at the k positions, computed as
-  a sampled dense-dense product (SDDMM) over a CSR pattern of the positions. The dense product is formed only
-  while RigL gathers selection statistics (``sft_observer`` set), and then handed to the observer.
+- No dense weight gradient: the values' gradient is ``(grad_y^T @ x)`` sampled at the k positions, a sampled
+  dense-dense product (SDDMM): deltahub's kernel on CPU (``kernels.py``), ``torch.sparse.sampled_addmm``
+  elsewhere, or one dense product and a gather where that is faster (the rules below). The dense product is
+  always formed while RigL gathers selection statistics (``sft_observer`` set), and handed to the observer.
 
 The written weight equals what ``deltahub.apply_deltas`` gives for the exported delta on a fresh base (same
 float32 sum, rounded once), so exported deltas reproduce the trained model exactly.
@@ -32,9 +33,9 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 Observer = Callable[[torch.Tensor], None]
 
 # On CPU, deltahub's own kernel (training/kernels.py) computes the sampled product where it beats one dense
-# product plus a gather. Measured on a 2-core Xeon (AVX-512, torch 2.13), 512-1024 tokens: 1.7-1.9x faster
-# at 5% density on 576x576 to 1536x576 weights, 3.4x at 1%, even at ~10%, slower above; no gain on weights
-# under ~256K elements (0.95x on 192x576).
+# product plus a gather. Measured with benchmarks/sddmm.py on a 2-core Xeon (AVX-512, torch 2.13), 512-1024
+# tokens: 1.7-2.2x faster at 5% density on 512x512 to 1536x576 weights, 3-3.8x at 1%, even at 10-15%, slower
+# above; no reliable gain on weights under ~256K elements (192x576 at 5%: 0.95-1.34x over three runs).
 KERNEL_MAX_DENSITY = 0.08
 KERNEL_MIN_NUMEL = 1 << 18
 # Elsewhere (CUDA, or no C compiler), torch.sparse.sampled_addmm where it beats the dense product. Measured on
