@@ -20,6 +20,7 @@ import math
 import time
 
 import torch
+from train_step import lora_param_count  # benchmarks/ is on sys.path when run as a script
 
 # Learning rates swept per method (`--sweep`): three per method around the usual scale of each optimizer for a
 # model of this size. Measured (2026-11-28, 100 steps): SFT and LoRA are best at their middle value; full
@@ -51,16 +52,6 @@ def held_out_loss(model, blocks: torch.Tensor, batch: int) -> float:
     return sum(losses) / len(losses)
 
 
-def lora_count(model) -> int:
-    from torch import nn
-
-    return sum(
-        16 * (m.in_features + m.out_features)
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and m is not model.get_output_embeddings()
-    )
-
-
 def run(
     method: str, lr: float, folder, train: torch.Tensor, held_out: torch.Tensor, args
 ) -> tuple[float, float]:
@@ -73,7 +64,7 @@ def run(
 
         algorithm = method.split("-")[1]
         model = get_sft_model(
-            model, SftConfig(num_tunable_weights=lora_count(model), selection_algorithm=algorithm)
+            model, SftConfig(num_tunable_weights=lora_param_count(model), selection_algorithm=algorithm)
         )
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = (
@@ -149,7 +140,7 @@ def main() -> None:
     held_out = blocks_of([plays[n] for n in held_names], tokenizer, args.seq_len)[: args.held_out_blocks]
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     base_loss = held_out_loss(base, held_out, args.batch)
-    budget = lora_count(base)
+    budget = lora_param_count(base)
     del base
     print(
         f"SmolLM2-135M-Instruct, fp32 on CPU ({args.threads} threads); Shakespeare: {len(train)} train blocks, "

@@ -50,12 +50,13 @@ def build_model():
     return LlamaForCausalLM(config)
 
 
-def lora_param_count(model) -> int:
-    r = 16
+def lora_param_count(model, r: int = 16) -> int:
+    """LoRA rank r's trainable count on every linear layer but the LM head (peft's "all-linear")."""
+    head = model.get_output_embeddings()
     return sum(
         r * (m.in_features + m.out_features)
-        for n, m in model.named_modules()
-        if type(m).__name__ == "Linear" and n != "lm_head"
+        for m in model.modules()
+        if type(m).__name__ == "Linear" and m is not head
     )
 
 
