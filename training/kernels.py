@@ -4,8 +4,8 @@
 ms at 5% density on a 1376 x 512 weight), so without this kernel SFT pays a whole dense weight gradient per
 linear layer. The kernel is plain C with OpenMP, compiled once per machine with the system C compiler (about a
 second) into ``kernels/`` of deltahub's cache (``$DELTAHUB_CACHE``, else ``~/.cache/deltahub``) and called
-through ``ctypes``; where no compiler works, or with ``DELTAHUB_SDDMM_KERNEL=0``, training falls back to the
-dense product (same values, slower) with one warning.
+through ``ctypes``; where no compiler works, or with ``DELTAHUB_SDDMM_KERNEL=0``, training falls back to
+``layer.py``'s torch paths (same values, slower) with one warning.
 The library links ``libgomp.so.1``, the soname torch's own OpenMP runtime is already loaded under, so the kernel
 runs on torch's thread pool (checked in /proc/self/maps): no second pool spinning against torch's threads.
 """
@@ -75,8 +75,8 @@ def library() -> ctypes.CDLL | None:
             lib.deltahub_sddmm_f32.argtypes = _ARGTYPES
             return lib
     warnings.warn(
-        f"deltahub: the CPU kernel for sparse gradients is unavailable ({problem}); SFT computes each values "
-        "gradient from the dense weight gradient instead (same result, slower). Install a C compiler with OpenMP "
+        f"deltahub: the CPU kernel for sparse gradients is unavailable ({problem}); SFT computes the values' "
+        "gradients with torch's ops instead (same result, slower). Install a C compiler with OpenMP "
         "(e.g. gcc) to get it, or set DELTAHUB_SDDMM_KERNEL=0 to silence this.",
         RuntimeWarning,
         stacklevel=3,
