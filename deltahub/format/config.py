@@ -10,28 +10,30 @@ import json
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .._dtypes import BASE_DTYPES, VALUE_DTYPES, dtype_name
-from ..delta import ParamDelta, SparseDelta
-from ..fingerprint import SAMPLES
 from .spec import (
+    BASE_DTYPE_NAMES,
     FINGERPRINT_METHOD,
+    FINGERPRINT_SAMPLES,
     FORMAT_NAME,
     FORMAT_VERSION,
     NONFINITE,
     STORAGE_DENSE,
-    STORAGE_SPARSE,
+    STORAGE_PARTS,
+    STORAGE_SINCE,
+    SUPPORTED_MINOR,
+    VALUE_DTYPE_NAMES,
 )
+
+if TYPE_CHECKING:  # the parsing half of this module runs without torch (the streaming merge's fast path)
+    from ..delta import SparseDelta
 
 RESAVE = "re-save the delta with deltahub.save_delta"
 
 
-def stored_densely(p: ParamDelta) -> bool:
-    # nnz == numel means the indices are exactly arange(numel): storing them would only double the bytes.
-    return p.numel > 0 and p.nnz == p.numel
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _sample_json(x: float) -> float | str:
@@ -42,15 +44,24 @@ def _sample_json(x: float) -> float | str:
     return float(x)
 
 
-def _values_dtype_name(params: list[ParamDelta]) -> str | None:
-    dtypes = {p.values.dtype for p in params}
+def _values_dtype_name(names: list[str]) -> str | None:
+    dtypes = set(names)
     if not dtypes:
         return None
-    return dtype_name(dtypes.pop()) if len(dtypes) == 1 else "mixed"
+    return dtypes.pop() if len(dtypes) == 1 else "mixed"
 
 
-def build_config(delta: SparseDelta, names: list[str] | None = None) -> dict[str, Any]:
-    """The ``delta_config.json`` content for ``delta``, or for the subset ``names`` (a shard's own config)."""
+def build_config(
+    delta: SparseDelta,
+    storages: dict[str, str],
+    values_dtypes: dict[str, str],
+    names: list[str] | None = None,
+) -> dict[str, Any]:
+    """The ``delta_config.json`` content for ``delta``, or for the subset ``names`` (a shard's own config).
+
+    ``storages`` and ``values_dtypes`` say how the writer stores each parameter (its storage, and the dtype
+    name of its values as written).
+    """
     from .. import __version__  # lazy: deltahub/__init__ may import this package
 
     names = list(delta) if names is None else names
@@ -61,9 +72,9 @@ def build_config(delta: SparseDelta, names: list[str] | None = None) -> dict[str
     for name, p in zip(names, params, strict=True):
         entry: dict[str, Any] = {
             "shape": list(p.shape),
-            "dtype": dtype_name(p.dtype),
+            "dtype": _dtype_name(p.dtype),
             "nnz": p.nnz,
-            "storage": STORAGE_DENSE if stored_densely(p) else STORAGE_SPARSE,
+            "storage": storages[name],
         }
         if name in delta.fingerprint:
             entry["base_samples"] = [_sample_json(x) for x in delta.fingerprint[name]]
@@ -74,13 +85,15 @@ def build_config(delta: SparseDelta, names: list[str] | None = None) -> dict[str
         "deltahub_version": __version__,
         "base_model": delta.base_model,
         "base_revision": delta.base_revision,
-        "values_dtype": _values_dtype_name(params),
+        "values_dtype": _values_dtype_name([values_dtypes[n] for n in names]),
         "nnz": nnz,
         "numel": numel,
         "density": nnz / numel if numel else 0.0,
         "parameters": entries,
         "fingerprint": (
-            {"method": FINGERPRINT_METHOD, "samples_per_parameter": SAMPLES} if delta.fingerprint else None
+            {"method": FINGERPRINT_METHOD, "samples_per_parameter": FINGERPRINT_SAMPLES}
+            if delta.fingerprint
+            else None
         ),
         "provenance": delta.provenance,
     }
@@ -118,7 +131,7 @@ class ParamSpec:
     """One parameter's entry in ``delta_config.json``, validated."""
 
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: str  # the base parameter's dtype name, one of BASE_DTYPE_NAMES
     nnz: int
     storage: str
     samples: tuple[float, ...] | None
@@ -129,6 +142,7 @@ class DeltaConfig:
     """``delta_config.json`` (or a header's ``delta_config``), validated; ``where`` names its source."""
 
     where: str
+    minor: int = SUPPORTED_MINOR  # the format minor version the config declares
     base_model: str | None = None
     base_revision: str | None = None
     values_dtype: str | None = None
@@ -164,8 +178,25 @@ def _parse_samples(raw: object, numel: int, per_param: int, where: str, problems
     return tuple(out)
 
 
+def _storage_problem(storage: object, minor: int) -> str | None:
+    if storage in STORAGE_PARTS and STORAGE_SINCE[storage] <= minor:
+        return None
+    known = ", ".join(repr(s) for s in STORAGE_PARTS)
+    if storage in STORAGE_PARTS:
+        return (
+            f"storage {storage!r} is format 1.{STORAGE_SINCE[storage]} but the config says format_version "
+            f"1.{minor}; {RESAVE}"
+        )
+    if minor > SUPPORTED_MINOR:
+        return (
+            f"storage {str(storage)[:40]!r} is not one this deltahub reads ({known}): the delta is format 1.{minor}, "
+            f"newer than this deltahub's 1.{SUPPORTED_MINOR}; upgrade deltahub: pip install -U deltahub"
+        )
+    return f"'storage' must be one of {known}, got {str(storage)[:40]!r}"
+
+
 def _parse_param(
-    name: str, raw: object, where: str, per_param: int | None, problems: list[str]
+    name: str, raw: object, where: str, per_param: int | None, minor: int, problems: list[str]
 ) -> ParamSpec | None:
     at = f"{where}: parameter {name!r}"
     if not isinstance(raw, dict):
@@ -175,14 +206,15 @@ def _parse_param(
     shape, dtype, nnz, storage = raw.get("shape"), raw.get("dtype"), raw.get("nnz"), raw.get("storage")
     if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         bad.append(f"'shape' must be a list of non-negative integers, got {str(shape)[:80]}")
-    if not isinstance(dtype, str) or dtype not in BASE_DTYPES:
+    if not isinstance(dtype, str) or dtype not in BASE_DTYPE_NAMES:
         bad.append(
-            f"'dtype' (the base parameter's dtype) must be one of {', '.join(BASE_DTYPES)}, got {dtype!r}"
+            f"'dtype' (the base parameter's dtype) must be one of {', '.join(BASE_DTYPE_NAMES)}, got {dtype!r}"
         )
     if not is_int(nnz) or nnz < 0:
         bad.append(f"'nnz' must be a non-negative integer, got {str(nnz)[:40]}")
-    if storage not in (STORAGE_SPARSE, STORAGE_DENSE):
-        bad.append(f"'storage' must be {STORAGE_SPARSE!r} or {STORAGE_DENSE!r}, got {str(storage)[:40]!r}")
+    storage_problem = _storage_problem(storage, minor)
+    if storage_problem:
+        bad.append(storage_problem)
     if bad:
         problems.append(f"{at}: {'; '.join(bad)}")
         return None
@@ -201,11 +233,12 @@ def _parse_param(
             )
         elif per_param > 0:
             samples = _parse_samples(raw["base_samples"], numel, per_param, at, problems)
-    return ParamSpec(tuple(shape), BASE_DTYPES[dtype], nnz, storage, samples)
+    return ParamSpec(tuple(shape), dtype, nnz, storage, samples)
 
 
 def parse_config(obj: dict[str, Any], where: str, problems: list[str]) -> DeltaConfig:
-    cfg = DeltaConfig(where)
+    """Validate a config whose format and version were already checked (``spec.version_problem``)."""
+    cfg = DeltaConfig(where, minor=int(obj["format_version"].split(".")[1]))
     for key in ("base_model", "base_revision"):
         value = obj.get(key)
         if value is not None and not isinstance(value, str):
@@ -213,9 +246,9 @@ def parse_config(obj: dict[str, Any], where: str, problems: list[str]) -> DeltaC
         else:
             setattr(cfg, key, value)
     vd = obj.get("values_dtype")
-    if vd is not None and vd != "mixed" and (not isinstance(vd, str) or vd not in VALUE_DTYPES):
+    if vd is not None and vd != "mixed" and (not isinstance(vd, str) or vd not in VALUE_DTYPE_NAMES):
         problems.append(
-            f"{where}: 'values_dtype' must be one of {', '.join(VALUE_DTYPES)} or 'mixed', got {vd!r}"
+            f"{where}: 'values_dtype' must be one of {', '.join(VALUE_DTYPE_NAMES)} or 'mixed', got {vd!r}"
         )
     else:
         cfg.values_dtype = vd
@@ -259,5 +292,5 @@ def parse_config(obj: dict[str, Any], where: str, problems: list[str]) -> DeltaC
         )
         return cfg
     for name, raw in params.items():
-        cfg.params[name] = _parse_param(name, raw, where, per_param, problems)
+        cfg.params[name] = _parse_param(name, raw, where, per_param, cfg.minor, problems)
     return cfg

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .spec import MAX_HEADER_SIZE, ST_DTYPES
+from .spec import MAX_HEADER_SIZE, ST_ITEMSIZE
 
 _REPAIR = "the file is truncated, corrupted or not a safetensors file: re-download it or re-save the delta"
 _KEYS = {"dtype", "shape", "data_offsets"}
@@ -123,9 +123,10 @@ def _check_entries(obj: dict[str, Any], data_len: int, label: str) -> tuple[Head
             continue
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         bad = []
-        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
+        if not isinstance(dtype, str) or dtype not in ST_ITEMSIZE:
             bad.append(
-                f"dtype {str(dtype)[:20]!r} is not allowed in a delta (F32, BF16, F16 values; I32, I64 indices)"
+                f"dtype {str(dtype)[:20]!r} is not allowed in a delta (F32, BF16, F16 values; I32, I64 indices "
+                "and escapes; U8, U16 gaps and bitmaps)"
             )
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             bad.append(f"shape must be a list of non-negative integers, got {str(shape)[:60]}")
@@ -140,7 +141,7 @@ def _check_entries(obj: dict[str, Any], data_len: int, label: str) -> tuple[Head
             problems.append(f"{where}: {'; '.join(bad)}; {_REPAIR}")
             continue
         begin, end = offsets
-        nbytes = math.prod(shape) * ST_DTYPES[dtype][1]
+        nbytes = math.prod(shape) * ST_ITEMSIZE[dtype]
         if end - begin != nbytes:
             problems.append(
                 f"{where}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets span {end - begin}; "
