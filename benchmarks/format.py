@@ -8,6 +8,11 @@ bfloat16 values. Printed per row: the storage the writer chose, bytes per nonzer
 decoding alone inside load_delta. The 1.0 files are written in this process with the same writer code and
 ``sparse`` storage, so both formats are loaded by the same reader in one run.
 
+Then the cost of ``save_delta(..., values_dtype="bfloat16")`` for a float32 delta (values ~N(0, 1e-3) on base
+weights ~N(0, 0.02), as in benchmarks/compose.py): the largest relative error of a stored value, and how many
+applied weights (base + delta, rounded once) come out different from applying the exact delta, for a bf16 and
+a float32 base.
+
     python benchmarks/format.py [--repeats 5] [--densities 0.001,0.01,0.1,0.3]
 """
 
@@ -128,6 +133,32 @@ def main() -> None:
                     f"{med(loads_old):9.3f} {med(decodes):8.3f}",
                     flush=True,
                 )
+        rounding_cost(Path(tmp))
+
+
+def rounding_cost(tmp: Path) -> None:
+    from deltahub import apply_deltas
+
+    delta = make_delta(0.01, torch.float32, seed=1)
+    rounded = load_delta(save_delta(delta, tmp / "bf16", values_dtype="bfloat16", overwrite=True))
+    relative = max(
+        float(((rounded[n].values.float() - p.values).abs() / p.values.abs().clamp_min(1e-30)).max())
+        for n, p in delta.items()
+    )
+    print(f"\nvalues_dtype=bfloat16 for a float32 delta: largest relative error of a value {relative:.2e}")
+    gen = torch.Generator().manual_seed(2)
+    for base_dtype in (torch.bfloat16, torch.float32):
+        base = {n: (torch.randn(SHAPE, generator=gen) * 0.02).to(base_dtype) for n in delta}
+        exact = {n: t.clone() for n, t in base.items()}
+        approx = {n: t.clone() for n, t in base.items()}
+        apply_deltas(exact, [delta], force=True)
+        apply_deltas(approx, [rounded], force=True)
+        changed = sum(int((exact[n] != approx[n]).sum()) for n in delta)
+        worst = max(float((exact[n].float() - approx[n].float()).abs().max()) for n in delta)
+        print(
+            f"  {str(base_dtype).removeprefix('torch.')} base: {changed / delta.nnz:.2%} of the {delta.nnz:,} "
+            f"touched weights differ from the exact delta's, by at most {worst:.2e}"
+        )
 
 
 if __name__ == "__main__":
