@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from child import measure
 from safetensors.torch import save_file
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -122,31 +123,14 @@ def build(
     return base, deltas, fts
 
 
-# A measuring launcher that is itself tiny: a child's ru_maxrss includes the memory of the process it was forked
-# from (Linux records the old image's high-water mark at exec), so forking the commands from this process, which
-# holds torch, would add ~0.35 GB to every figure (cp would "use" 0.35 GB).
-_LAUNCHER = """
-import json, os, subprocess, sys, time
-t0 = time.perf_counter()
-proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-err = proc.stderr.read()
-_, status, usage = os.wait4(proc.pid, 0)
-sys.stderr.buffer.write(err[-3000:])
-print(json.dumps({"wall": time.perf_counter() - t0, "rss": usage.ru_maxrss * 1024, "code": os.waitstatus_to_exitcode(status)}))
-"""
-
-
 def run(cmd: list[str], out: Path) -> tuple[float, float]:
     """Wall seconds and peak RSS (GB) of one command; ``out`` is removed before and after (untimed)."""
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=True)
-    done = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *cmd], capture_output=True, text=True)
+    wall, rss = measure(cmd)
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=True)
-    if done.returncode != 0 or json.loads(done.stdout)["code"] != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout)
-    return result["wall"], result["rss"] / 1e9
+    return wall, rss / 1e9
 
 
 def mergekit_config(path: Path, method: str, base: Path, fts: list[Path]) -> Path:

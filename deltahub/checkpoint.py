@@ -12,8 +12,11 @@ Only safetensors are read: pickle checkpoints (``pytorch_model.bin``) can run ar
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -257,6 +260,119 @@ def _read_index(index: Path) -> dict[str, str]:
         # An index from a stranger must not make us open files outside its folder.
         raise CheckpointError(f"{index} names shard files outside its folder: {escaping[:3]}")
     return weight_map
+
+
+def read_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """``{name: (absolute start, byte length)}`` from a safetensors header (that safetensors validated already:
+    a :class:`Checkpoint` opened the file)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {
+        k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+        for k, v in header.items()
+    }
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor of a checkpoint lies: its file, the absolute offset of its first byte, and its metadata."""
+
+    path: Path
+    start: int
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None  # None: a dtype this torch cannot hold
+
+    def read(self) -> torch.Tensor:
+        """The tensor in fresh memory, read with ``pread``: no memory map, so no page of the file is mapped into
+        this process (a map's touched pages count in its resident set for as long as it lives)."""
+        if self.dtype is None:
+            raise CheckpointError(f"{self.path}: a tensor of a dtype this torch cannot hold")
+        out = torch.empty(self.shape, dtype=self.dtype)
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if self.nbytes else memoryview(b"")
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < self.nbytes:
+                got = os.preadv(fd, [view[done:]], self.start + done)
+                if got == 0:
+                    raise CheckpointError(
+                        f"{self.path} ended early while reading a tensor (was it modified?)"
+                    )
+                done += got
+        finally:
+            os.close(fd)
+        return out
+
+
+def read_elements(stored: StoredTensor, positions: list[int]) -> torch.Tensor:
+    """The tensor's elements at these flat positions, read with ``pread`` (no memory map: see ``read``)."""
+    if stored.dtype is None:
+        raise CheckpointError(f"{stored.path}: a tensor of a dtype this torch cannot hold")
+    size = stored.dtype.itemsize
+    fd = os.open(stored.path, os.O_RDONLY)
+    try:
+        raw = b"".join(os.pread(fd, size, stored.start + pos * size) for pos in positions)
+    finally:
+        os.close(fd)
+    if len(raw) != size * len(positions):
+        raise CheckpointError(f"{stored.path} ended early while reading a tensor (was it modified?)")
+    return torch.frombuffer(bytearray(raw), dtype=stored.dtype) if raw else torch.empty(0, dtype=stored.dtype)
+
+
+def file_mappings() -> list[tuple[int, int, int, int, str]]:
+    """This process's file-backed memory maps from ``/proc/self/maps``: ``(start address, end address, file
+    offset, inode, path)``; empty without procfs. Read once, then ask :func:`mapped_address`."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/") and fields[4] != "0":
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            out.append((lo, hi, int(fields[2], 16), int(fields[4]), fields[5]))
+    return out
+
+
+def is_mapped_at(
+    mappings: list[tuple[int, int, int, int, str]], path: Path, offset: int, address: int
+) -> bool:
+    """Whether byte ``offset`` of the file at ``path`` is mapped at ``address`` in this process (by any of its
+    maps: a process that loaded a file twice may hold two). Lets a caller recognise a tensor that is the file's
+    bytes without touching (and so faulting in) any of its pages."""
+    try:
+        inode = os.stat(path).st_ino
+    except OSError:
+        return False
+    for lo, hi, start, ino, name in mappings:
+        if ino == inode and start <= offset < start + (hi - lo) and lo + offset - start == address:
+            try:
+                return os.path.samefile(name, path)
+            except OSError:
+                return False
+    return False
+
+
+def stored_tensors(folder: str | os.PathLike) -> dict[str, StoredTensor]:
+    """Every tensor of the safetensors checkpoint in ``folder`` with its byte range (headers only are read)."""
+    with Checkpoint(folder) as ckpt:  # validates the index and every shard's header
+        out = {}
+        for file, names in ckpt.files.items():
+            offsets = read_offsets(ckpt.folder / file)
+            for name in names:
+                start, nbytes = offsets[name]
+                code = ckpt._meta[name][1]
+                shape = ckpt.shape(name)
+                dtype = SAFETENSORS_DTYPES.get(code)
+                if dtype is not None and math.prod(shape) * dtype.itemsize != nbytes:
+                    dtype = None
+                out[name] = StoredTensor(ckpt.folder / file, start, nbytes, shape, dtype)
+    return out
 
 
 class StateDictSource(Mapping[str, torch.Tensor]):

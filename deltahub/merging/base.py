@@ -3,11 +3,9 @@ and the few sampled elements the fingerprint check needs (never whole tensors)."
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import INDEX_NAME, SAFETENSORS_DTYPES, Checkpoint
+from ..checkpoint import INDEX_NAME, SAFETENSORS_DTYPES, Checkpoint, read_offsets
 from ..errors import CheckpointError
 from ..fingerprint import sample_positions
 
@@ -90,18 +88,6 @@ class _Stored:
     dtype: torch.dtype
 
 
-def _read_offsets(path: Path) -> dict[str, tuple[int, int]]:
-    """``{name: (absolute start, byte length)}`` from a safetensors header (safe_open validated it already)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return {
-        k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
-        for k, v in header.items()
-    }
-
-
 class BaseFiles:
     """The base checkpoint as byte ranges, plus the :class:`~deltahub.apply.BaseView` that check_base reads.
 
@@ -117,7 +103,7 @@ class BaseFiles:
             self.weight_files = list(ckpt.files)
             self.tensors: dict[str, _Stored] = {}
             for file, names in ckpt.files.items():
-                offsets = _read_offsets(ckpt.folder / file)
+                offsets = read_offsets(ckpt.folder / file)
                 for name in names:
                     start, nbytes = offsets[name]
                     self.tensors[name] = _Stored(file, start, nbytes, ckpt.shape(name), ckpt.dtype(name))
