@@ -9,9 +9,8 @@ Example:
 
 __version__ = "0.1.0"
 
-from .apply import AppliedDeltas, apply_deltas, load_model
-from .checkpoint import Checkpoint, as_tensor_source
-from .delta import ParamDelta, SparseDelta
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     BaseMismatchError,
     CheckpointError,
@@ -30,12 +29,64 @@ from .errors import (
     RevertError,
     UnknownMethodError,
 )
-from .extract import extract_delta
-from .format import load_delta, save_delta
-from .hub import PushResult, load_hub_delta, parse_delta_ref, pull_delta, push_delta
-from .merging import MergePlan, MergeResult, merge
-from .methods import MethodOption, MethodSpec, available_methods, combine, get_method, register_method
-from .overlap import OverlapReport, overlap_report
+
+# The rest is imported on first use (PEP 562): most of it needs torch, whose import costs more than a whole
+# `cp` of a 1B model, and `deltahub merge` with `sum` never needs it.
+_LAZY = {
+    "AppliedDeltas": "apply",
+    "apply_deltas": "apply",
+    "load_model": "apply",
+    "Checkpoint": "checkpoint",
+    "as_tensor_source": "checkpoint",
+    "ParamDelta": "delta",
+    "SparseDelta": "delta",
+    "extract_delta": "extract",
+    "load_delta": "format",
+    "save_delta": "format",
+    "PushResult": "hub",
+    "load_hub_delta": "hub",
+    "parse_delta_ref": "hub",
+    "pull_delta": "hub",
+    "push_delta": "hub",
+    "MergePlan": "merging",
+    "MergeResult": "merging",
+    "merge": "merging",
+    "MethodOption": "methods",
+    "MethodSpec": "methods",
+    "available_methods": "methods",
+    "combine": "methods",
+    "get_method": "methods",
+    "register_method": "methods",
+    "OverlapReport": "overlap",
+    "overlap_report": "overlap",
+}
+
+if TYPE_CHECKING:
+    from .apply import AppliedDeltas, apply_deltas, load_model
+    from .checkpoint import Checkpoint, as_tensor_source
+    from .delta import ParamDelta, SparseDelta
+    from .extract import extract_delta
+    from .format import load_delta, save_delta
+    from .hub import PushResult, load_hub_delta, parse_delta_ref, pull_delta, push_delta
+    from .merging import MergePlan, MergeResult, merge
+    from .methods import MethodOption, MethodSpec, available_methods, combine, get_method, register_method
+    from .overlap import OverlapReport, overlap_report
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'deltahub' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "AppliedDeltas",

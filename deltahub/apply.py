@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import native
+from .basecheck import BaseView, _TensorsView, check_base, common_base
 from .checkpoint import StoredTensor, file_mappings, is_mapped_at, read_elements, stored_tensors
-from .delta import ParamDelta, SparseDelta, common_base
+from .delta import ParamDelta, SparseDelta
 from .errors import BaseMismatchError, CheckpointError, RevertError
-from .fingerprint import sample_positions, samples_match, tensor_samples
+from .fingerprint import sample_positions
 from .methods import _resolve_weights, combine, combine_param, get_method, resolve_options
-from .sources import DeltaSource, describe, resolve_deltas
+from .sources import DeltaSource, resolve_deltas
 
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -42,124 +43,6 @@ def _target_tensors(target: nn.Module | Mapping[str, torch.Tensor]) -> dict[str,
 def _identity(t: torch.Tensor) -> tuple:
     """Two names with equal identities are one tensor (tied weights): the delta is applied to it once."""
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-
-
-def _prefix_hint(missing: list[str], available: Sequence[str]) -> str:
-    """Suggest the fix when the names differ only by a prefix (a delta for ``LlamaForCausalLM`` applied to a
-    bare ``LlamaModel``, say)."""
-    name = missing[0]
-    for other in available:
-        if other.endswith(name) or name.endswith(other):
-            return f" (the target has {other!r}: the delta was made for a different model class or prefix)"
-    return ""
-
-
-@runtime_checkable
-class BaseView(Protocol):
-    """What :func:`check_base` needs to know about a base: names, shapes and dtypes, and the few fingerprint
-    samples. Implemented over live tensors here, and over safetensors headers by the streaming merge (which reads
-    only the sampled elements, never a whole tensor)."""
-
-    def names(self) -> Collection[str]: ...
-
-    def shape(self, name: str) -> tuple[int, ...]: ...
-
-    def dtype(self, name: str) -> torch.dtype: ...
-
-    def samples(self, name: str) -> tuple[float, ...]:
-        """The base values at ``sample_positions(name, numel)``, as float32 Python floats."""
-        ...
-
-    def problem(self, name: str) -> str | None:
-        """Why this tensor's values cannot be used (e.g. it is on the meta device), or None."""
-        ...
-
-
-class _TensorsView:
-    """A :class:`BaseView` over a ``{name: tensor}`` mapping (a live model's tensors, tied aliases included)."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor]):
-        self._tensors = tensors
-
-    def names(self) -> Collection[str]:
-        return self._tensors.keys()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._tensors[name].shape)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._tensors[name].dtype
-
-    def samples(self, name: str) -> tuple[float, ...]:
-        return tensor_samples(name, self._tensors[name])
-
-    def problem(self, name: str) -> str | None:
-        if self._tensors[name].device.type == "meta":
-            return "is on the meta device; load the base weights before applying"
-        return None
-
-
-def check_base(
-    deltas: Sequence[SparseDelta],
-    tensors: Mapping[str, torch.Tensor] | BaseView,
-    *,
-    force: bool = False,
-    limit: int = 10,
-) -> None:
-    """Raise BaseMismatchError unless every delta fits the base: names present, shapes equal, floating
-    dtypes, and (unless ``force``) the fingerprint samples match. Costs a few element reads per parameter.
-
-    ``tensors`` is a ``{name: tensor}`` mapping or any :class:`BaseView` (the merge passes one that reads
-    safetensors headers and single elements).
-    """
-    view = tensors if isinstance(tensors, BaseView) else _TensorsView(tensors)
-    available = view.names()
-    problems: list[str] = []
-    fingerprint_problems: list[str] = []
-    for i, delta in enumerate(deltas):
-        who = describe(delta, i)
-        missing = [n for n in delta if n not in available]
-        if missing:
-            problems.append(
-                f"{who}: {len(missing)} parameters not in the base, e.g. {missing[:3]}"
-                + _prefix_hint(missing, list(available))
-            )
-        for name, p in delta.items():
-            if name not in available:
-                continue
-            shape, dtype = view.shape(name), view.dtype(name)
-            if shape != p.shape:
-                problems.append(
-                    f"{who}: {name} has shape {list(shape)} in the base, {list(p.shape)} in the delta"
-                )
-            elif not dtype.is_floating_point:
-                problems.append(
-                    f"{who}: {name} is {dtype} in the base; deltas only apply to floating tensors"
-                )
-            else:
-                problem = view.problem(name)
-                if problem:
-                    problems.append(f"{who}: {name} {problem}")
-        if not force and not problems:
-            for name, recorded in delta.fingerprint.items():
-                if name not in available:
-                    continue
-                live = view.samples(name)
-                if not samples_match(recorded, live, delta[name].dtype, view.dtype(name)):
-                    fingerprint_problems.append(
-                        f"{who}: {name}: base values differ from those the delta was made on (expected "
-                        f"{[round(s, 6) for s in recorded[:3]]}..., found {[round(s, 6) for s in live[:3]]}...)"
-                    )
-    if problems:
-        raise BaseMismatchError(
-            "the deltas do not fit this base model (parameter names or shapes differ):", problems[:limit]
-        )
-    if fingerprint_problems:
-        raise BaseMismatchError(
-            f"the deltas were made on a different base ({len(fingerprint_problems)} parameters differ); load the "
-            "base named in the delta's config, or pass force=True to apply anyway:",
-            fingerprint_problems[:limit],
-        )
 
 
 @dataclass
@@ -262,13 +145,19 @@ _NATIVE_TENSORS = {**_NATIVE_DTYPES, torch.float64: "float64"}
 
 
 def add_sum(
-    t: torch.Tensor, parts: Sequence[tuple[ParamDelta, float]], *, shortcut: bool, revertible: bool = True
+    t: torch.Tensor,
+    parts: Sequence[tuple[ParamDelta, float]],
+    *,
+    shortcut: bool,
+    revertible: bool = True,
+    name: str = "the tensor",
 ) -> _Saved | None:
     """``t += sum_i w_i * D_i`` for the ``(D_i, w_i)`` touching ``t``: exactly ``combine(method="sum")`` then
     :func:`add_in_place`, in one pass of the native kernel where it applies (CPU, contiguous), else through them.
 
     ``shortcut`` is combine's own: one delta of weight 1 in the whole call adds its values as they are (no
-    ``0 +``, which would turn a stored -0.0 into +0.0).
+    ``0 +``, which would turn a stored -0.0 into +0.0). Weights so large that a sum overflows float32 raise
+    ValueError as ``combine`` does, with ``t`` unchanged.
     """
     lib = native.library()
     usable = (
@@ -297,8 +186,9 @@ def add_sum(
         keep.append((idx, vals))
         first, last = (int(idx[0]), int(idx[-1])) if idx.numel() else (0, 0)
         lists.append((idx.data_ptr(), vals.data_ptr(), _NATIVE_DTYPES[vals.dtype], idx.numel(), first, last))
-    originals = [torch.empty(idx.numel(), dtype=t.dtype) for idx, _ in keep] if revertible else None
-    _, checksum = native.sum_apply(
+    # Originals are kept even when not asked for, to undo an overflowing sum.
+    originals = [torch.empty(idx.numel(), dtype=t.dtype) for idx, _ in keep]
+    _, checksum, overflowed = native.sum_apply(
         lib,
         t.data_ptr(),
         _NATIVE_TENSORS[t.dtype],
@@ -307,11 +197,16 @@ def add_sum(
         [w for _, w in parts],
         wide=wide,
         zero_start=not shortcut,
-        originals=None if originals is None else [o.data_ptr() for o in originals],
+        originals=[o.data_ptr() for o in originals],
     )
-    if originals is None:
-        return None
-    return _Saved(t, [(idx, o) for (idx, _), o in zip(keep, originals, strict=True)], checksum)
+    saved = _Saved(t, [(idx, o) for (idx, _), o in zip(keep, originals, strict=True)], checksum)
+    if overflowed:
+        _restore(t, saved.pairs)
+        raise ValueError(
+            f"combination method 'sum' gave an invalid result for {name}: {overflowed} values are NaN or "
+            "infinite (the weighted sum overflows float32); use smaller weights"
+        )
+    return saved if revertible else None
 
 
 class AppliedDeltas:
@@ -464,13 +359,19 @@ def _apply(
     shortcut = len(delta_list) == 1 and weight_list[0] == 1.0
     saved: dict[str, _Saved] = {}
     with torch.no_grad():
-        for name, *_ in by_tensor.values():
-            tensor = tensors[name] if own is None else own(tensors[name])
-            if spec.name == "sum":
-                parts = [(d[name], w) for d, w in zip(delta_list, weight_list, strict=True) if name in d]
-                saved[name] = add_sum(tensor, parts, shortcut=shortcut)
-            else:
-                saved[name] = add_in_place(tensor, change_of(name))
+        try:
+            for name, *_ in by_tensor.values():
+                tensor = tensors[name] if own is None else own(tensors[name])
+                if spec.name == "sum":
+                    parts = [(d[name], w) for d, w in zip(delta_list, weight_list, strict=True) if name in d]
+                    saved[name] = add_sum(tensor, parts, shortcut=shortcut, name=name)
+                else:
+                    saved[name] = add_in_place(tensor, change_of(name))
+        except BaseException:
+            # All or nothing, as when everything was combined before the first write: undo the tensors done.
+            for s in saved.values():
+                _restore(s.tensor, s.pairs)
+            raise
     return AppliedDeltas(delta_list, weight_list, method, dict(method_options), saved)
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._dtypes import dtype_name
-from .delta import SparseDelta
+
+if TYPE_CHECKING:
+    from .delta import SparseDelta
 
 # A Hub model id: "name" or "namespace/name" (the rules of huggingface_hub's validate_repo_id). A local path
 # ("./base", "/models/llama") is not one and stays out of `base_model`, which the Hub resolves to a model page.

@@ -18,13 +18,17 @@ import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import torch
 from safetensors import SafetensorError, safe_open
-from torch import nn
 
 from .errors import CheckpointError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading headers and byte ranges needs none
+    import torch
+    from torch import nn
+
+    SAFETENSORS_DTYPES: dict[str, torch.dtype]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -48,9 +52,38 @@ _ST_CODES = {
     "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2",
 }
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    c: getattr(torch, n) for c, n in _ST_CODES.items() if hasattr(torch, n)
-}
+_CODE_OF_NAME = {n: c for c, n in _ST_CODES.items()}
+
+
+def st_code(dtype: Any) -> str:
+    """The safetensors code of a torch dtype or dtype name (``torch.bfloat16`` or ``"bfloat16"`` -> ``"BF16"``)."""
+    return _CODE_OF_NAME[str(dtype).removeprefix("torch.")]
+
+
+ST_ITEMSIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+FLOATING_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    """``SAFETENSORS_DTYPES``, built on first use: it needs torch."""
+    table = globals().get("SAFETENSORS_DTYPES")
+    if table is None:
+        import torch
+
+        table = {c: getattr(torch, n) for c, n in _ST_CODES.items() if hasattr(torch, n)}
+        globals()["SAFETENSORS_DTYPES"] = table
+    return table
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SAFETENSORS_DTYPES":
+        return _torch_dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _CONVERT_HINT = (
     "deltahub reads only safetensors, because pickle files can run arbitrary code when loaded. Convert once, "
@@ -74,7 +107,7 @@ class TensorSource(Protocol):
     def dtype(self, name: str) -> torch.dtype: ...
 
 
-class Checkpoint(Mapping[str, torch.Tensor]):
+class Checkpoint(Mapping[str, "torch.Tensor"]):
     """A read-only, lazy mapping from state-dict names to tensors of a safetensors checkpoint.
 
     Args:
@@ -173,12 +206,13 @@ class Checkpoint(Mapping[str, torch.Tensor]):
 
     def dtype(self, name: str) -> torch.dtype:
         """The tensor's dtype, from the file header (no data is read)."""
+        dtypes = _torch_dtypes()
         code = self._meta[name][1]
-        if code not in SAFETENSORS_DTYPES:
+        if code not in dtypes:
             raise CheckpointError(
                 f"{name} in {self._where[name]} has dtype {code}, which this torch cannot hold"
             )
-        return SAFETENSORS_DTYPES[code]
+        return dtypes[code]
 
     def close(self) -> None:
         """Release the memory maps (tensors already returned stay valid; a later :meth:`get` reopens)."""
@@ -288,6 +322,8 @@ class StoredTensor:
     def read(self) -> torch.Tensor:
         """The tensor in fresh memory, read with ``pread``: no memory map, so no page of the file is mapped into
         this process (a map's touched pages count in its resident set for as long as it lives)."""
+        import torch
+
         if self.dtype is None:
             raise CheckpointError(f"{self.path}: a tensor of a dtype this torch cannot hold")
         out = torch.empty(self.shape, dtype=self.dtype)
@@ -309,6 +345,8 @@ class StoredTensor:
 
 def read_elements(stored: StoredTensor, positions: list[int]) -> torch.Tensor:
     """The tensor's elements at these flat positions, read with ``pread`` (no memory map: see ``read``)."""
+    import torch
+
     if stored.dtype is None:
         raise CheckpointError(f"{stored.path}: a tensor of a dtype this torch cannot hold")
     size = stored.dtype.itemsize
@@ -368,14 +406,14 @@ def stored_tensors(folder: str | os.PathLike) -> dict[str, StoredTensor]:
                 start, nbytes = offsets[name]
                 code = ckpt._meta[name][1]
                 shape = ckpt.shape(name)
-                dtype = SAFETENSORS_DTYPES.get(code)
+                dtype = _torch_dtypes().get(code)
                 if dtype is not None and math.prod(shape) * dtype.itemsize != nbytes:
                     dtype = None
                 out[name] = StoredTensor(ckpt.folder / file, start, nbytes, shape, dtype)
     return out
 
 
-class StateDictSource(Mapping[str, torch.Tensor]):
+class StateDictSource(Mapping[str, "torch.Tensor"]):
     """In-memory tensors behind the :class:`TensorSource` interface, tied aliases collapsed.
 
     Names that are views of the same memory with the same shape and strides (GPT-2's ``lm_head.weight`` and
@@ -384,6 +422,8 @@ class StateDictSource(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], *, model_id: str | None = None):
+        import torch
+
         self.model_id = model_id or None
         self._tensors: dict[str, torch.Tensor] = {}
         seen: set[tuple] = set()
@@ -436,6 +476,8 @@ def as_tensor_source(
     ``name_or_path`` (None when empty), the folder's config ``_name_or_path`` or its path, or None for a plain
     state dict.
     """
+    from torch import nn
+
     if isinstance(x, nn.Module):
         return StateDictSource(x.state_dict(), model_id=getattr(x, "name_or_path", None))
     if isinstance(x, (str, os.PathLike)):

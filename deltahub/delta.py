@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ._dtypes import BASE_DTYPES, VALUE_DTYPES, dtype_name, index_dtype_for
-from .errors import BaseMismatchError
+from .basecheck import common_base
 from .sparse_ops import weighted_sum
 
 
@@ -303,39 +303,6 @@ class SparseDelta(Mapping[str, ParamDelta]):
             f"SparseDelta(params={len(self)}, nnz={self.nnz}, density={self.density:.4g}, "
             f"values_dtype={dtype_name(vd) if vd else 'mixed'}, base_model={self.base_model!r})"
         )
-
-
-def common_base(deltas: Iterable[SparseDelta]) -> dict[str, Any]:
-    """The base identity several deltas share: base_model, base_revision and the union of fingerprints.
-
-    Raises BaseMismatchError when two deltas name different bases or disagree about a parameter's shape or
-    fingerprint: adding them would be meaningless.
-    """
-    base_model = base_revision = None
-    fingerprint: dict[str, tuple[float, ...]] = {}
-    shapes: dict[str, tuple[tuple[int, ...], int]] = {}
-    problems = []
-    for i, d in enumerate(deltas):
-        if d.base_model is not None:
-            if base_model is not None and d.base_model != base_model:
-                problems.append(f"delta {i} is for base {d.base_model!r}, an earlier one for {base_model!r}")
-            base_model = base_model or d.base_model
-        if d.base_revision is not None:
-            base_revision = base_revision or d.base_revision
-        for name, p in d.items():
-            if name in shapes and shapes[name][0] != p.shape:
-                problems.append(
-                    f"{name}: delta {i} has shape {list(p.shape)}, delta {shapes[name][1]} has "
-                    f"{list(shapes[name][0])}"
-                )
-            shapes.setdefault(name, (p.shape, i))
-        for name, samples in d.fingerprint.items():
-            if name in fingerprint and fingerprint[name] != samples:
-                problems.append(f"{name}: delta {i} was made on different base values than an earlier delta")
-            fingerprint.setdefault(name, samples)
-    if problems:
-        raise BaseMismatchError("these deltas were made for different base models:", problems)
-    return {"base_model": base_model, "base_revision": base_revision, "fingerprint": fingerprint}
 
 
 def add_deltas(deltas: list[SparseDelta], weights: list[float]) -> SparseDelta:

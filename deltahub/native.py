@@ -77,6 +77,7 @@ def library() -> ctypes.CDLL | None:
     fn.argtypes = [
         ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p,
     ]  # fmt: skip
     lib.deltahub_checksum.restype = ctypes.c_int64
     lib.deltahub_checksum.argtypes = [
@@ -109,7 +110,7 @@ def sum_apply(
     wide: bool,
     zero_start: bool,
     originals: Sequence[int] | None,
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     """Add ``sum_i weights[i] * list_i`` to the contiguous tensor at address ``tensor`` in place.
 
     Args:
@@ -123,7 +124,8 @@ def sum_apply(
         originals: per list, where to write the tensor's elements at its positions before the change, or None.
 
     Returns:
-        ``(union positions, checksum of the new elements)``.
+        ``(union positions, checksum of the new elements, sums that overflowed float32)``; with overflowed sums
+        the tensor holds infinities there, and the caller restores it from ``originals``.
     """
     k = len(lists)
     if not 0 < k <= MAX_LISTS:
@@ -137,14 +139,14 @@ def sum_apply(
     counts = (ctypes.c_int64 * k)(*(c for *_, c, _, _ in lists))
     w = (ctypes.c_float * k)(*(float(x) for x in weights))
     orig = None if originals is None else (ctypes.c_void_p * k)(*originals)
-    checksum = ctypes.c_int64(0)
+    checksum, nonfinite = ctypes.c_int64(0), ctypes.c_int64(0)
     unions = lib.deltahub_sum_apply(
         k, ptrs, int(wide), vals, vdtypes, counts, w, int(zero_start), tensor, DTYPES[dtype], orig,
-        ctypes.byref(checksum),
+        ctypes.byref(checksum), ctypes.byref(nonfinite),
     )  # fmt: skip
     if unions < 0:
         raise RuntimeError("the native sum refused its arguments")
-    return unions, checksum.value
+    return unions, checksum.value, nonfinite.value
 
 
 def checksum(lib: ctypes.CDLL, tensor: int, itemsize: int, positions: int, wide: bool, count: int) -> int:

@@ -7,11 +7,14 @@ import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
-from .delta import SparseDelta
 from .errors import HubRepoNotFoundError
 
-DeltaSource = SparseDelta | str | os.PathLike
+if TYPE_CHECKING:
+    from .delta import SparseDelta
+
+DeltaSource = Union["SparseDelta", str, os.PathLike]
 
 
 def resolve_delta(source: DeltaSource) -> SparseDelta:
@@ -22,6 +25,8 @@ def resolve_delta(source: DeltaSource) -> SparseDelta:
     pulled through the Hugging Face cache (see :func:`deltahub.hub.pull_delta`; ``HF_HUB_OFFLINE=1`` serves the
     cache) and carry ``origin={"repo_id", "revision", "commit", "path"}``.
     """
+    from .delta import SparseDelta
+
     if isinstance(source, SparseDelta):
         return source
     if isinstance(source, (str, os.PathLike)):
@@ -75,6 +80,8 @@ def resolve_deltas(
 ) -> tuple[list[SparseDelta], list[float]]:
     """Normalise ``deltas`` (one or many) and their ``weights`` (default 1.0 each), checking they pair up
     before anything is loaded."""
+    from .delta import SparseDelta
+
     if isinstance(deltas, (SparseDelta, str, os.PathLike)):
         deltas = [deltas]
     deltas = list(deltas)

@@ -183,3 +183,32 @@ def test_load_model_reads_touched_weights_from_the_file_and_matches_apply(tmp_pa
     for (name, a), b in zip(as_f32.state_dict().items(), ref.state_dict().values(), strict=True):
         assert torch.equal(bits(a), bits(b)), name
     assert reads == []
+
+
+def test_an_overflowing_sum_or_a_failing_method_changes_nothing():
+    model = tiny_llama(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    deltas = [random_delta(model, 0.2, seed=s) for s in range(2)]
+    with pytest.raises(ValueError, match="overflows float32"):
+        apply_deltas(model, deltas, [1.0, 3e39])  # 3e39 is infinite in float32
+    for name, v in model.state_dict().items():
+        assert torch.equal(bits(v), bits(before[name])), name
+    # A method that fails on the third parameter: the two already changed are restored.
+    from deltahub.methods import _REGISTRY, MethodSpec, register_method
+
+    seen = []
+
+    def flaky(entries, weights, *, name, numel):
+        seen.append(name)
+        if len(seen) == 3:
+            raise RuntimeError("flaky")
+        return weighted_sum(entries, weights)
+
+    register_method(MethodSpec("flaky_test", flaky))
+    try:
+        with pytest.raises(RuntimeError, match="flaky"):
+            apply_deltas(model, deltas, method="flaky_test")
+    finally:
+        del _REGISTRY["flaky_test"]
+    for name, v in model.state_dict().items():
+        assert torch.equal(bits(v), bits(before[name])), name

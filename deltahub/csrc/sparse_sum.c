@@ -94,7 +94,7 @@ static inline int64_t bits_f64(double x) { int64_t b; memcpy(&b, &x, 8); return 
 #define DEFINE_SUM(NAME, ELEM, TAG)                                                                              \
     static int64_t NAME(int32_t k, const void *const *positions, int32_t wide, const void *const *values,       \
                         const int32_t *vdtypes, const int64_t *counts, const float *weights, int32_t zero_start, \
-                        ELEM *t, ELEM *const *orig, uint64_t *checksum) {                                       \
+                        ELEM *t, ELEM *const *orig, uint64_t *checksum, int64_t *bad) {                         \
         int64_t cursor[64], head[64];                                                                           \
         int32_t owner[64];                                                                                      \
         uint64_t sum = 0;                                                                                       \
@@ -116,6 +116,7 @@ static inline int64_t bits_f64(double x) { int64_t b; memcpy(&b, &x, 8); return 
                     s = (holders == 0 && !zero_start) ? term : s + term;                                        \
                     owner[holders++] = i;                                                                       \
                 }                                                                                               \
+            if (!isfinite(s)) (*bad)++;                                                                         \
             ELEM before = t[p];                                                                                 \
             ELEM after = STORE_##TAG((ACC_##TAG)LOAD_##TAG(before) + (ACC_##TAG)s);                             \
             t[p] = after;                                                                                       \
@@ -136,12 +137,14 @@ static inline int64_t bits_f64(double x) { int64_t b; memcpy(&b, &x, 8); return 
 /* One list: no merge, a straight loop. */
 #define DEFINE_ONE(NAME, ELEM, TAG)                                                                              \
     static int64_t NAME(const void *positions, int32_t wide, const void *values, int32_t vdtype, int64_t count, \
-                        float weight, int32_t zero_start, ELEM *t, ELEM *orig, uint64_t *checksum) {            \
+                        float weight, int32_t zero_start, ELEM *t, ELEM *orig, uint64_t *checksum,              \
+                        int64_t *bad) {                                                                         \
         uint64_t sum = 0;                                                                                       \
         for (int64_t j = 0; j < count; j++) {                                                                   \
             int64_t p = position_at(positions, wide, j);                                                        \
             float term = value_at(values, vdtype, j) * weight;                                                  \
             float s = zero_start ? 0.0f + term : term;                                                          \
+            if (!isfinite(s)) (*bad)++;                                                                         \
             ELEM before = t[p];                                                                                 \
             ELEM after = STORE_##TAG((ACC_##TAG)LOAD_##TAG(before) + (ACC_##TAG)s);                             \
             t[p] = after;                                                                                       \
@@ -164,31 +167,35 @@ DEFINE_ONE(one_f64, double, F64)
 /* k lists: positions[i] (int32, or int64 when wide) strictly increasing, values[i] of dtype vdtypes[i], counts[i]
  * entries, weights[i] (already float32). originals[i], when not NULL, receives the tensor's elements at
  * positions[i] before the change. *checksum gets sum_i sum_j bits(new t[positions[i][j]]) * (positions[i][j] + 1)
- * with 64-bit wrap-around, as apply.py's _checksum computes it. Returns the number of union positions, or -1
- * for arguments it refuses. */
+ * with 64-bit wrap-around, as apply.py's _checksum computes it; *nonfinite the number of sums that overflowed
+ * float32 (the caller then restores the originals and refuses, as torch's combine does). Returns the number of
+ * union positions, or -1 for arguments it refuses. */
 int64_t deltahub_sum_apply(int32_t k, const void *const *positions, int32_t wide, const void *const *values,
                            const int32_t *vdtypes, const int64_t *counts, const float *weights, int32_t zero_start,
-                           void *tensor, int32_t dtype, void *const *originals, int64_t *checksum) {
+                           void *tensor, int32_t dtype, void *const *originals, int64_t *checksum,
+                           int64_t *nonfinite) {
+    int64_t bad = 0;
     uint64_t sum = 0;
     int64_t unions = -1;
     if (k < 1 || k > 64) return -1;
     if (k == 1) {
         void *o = originals ? originals[0] : NULL;
         switch (dtype) {
-            case DT_F32: unions = one_f32(positions[0], wide, values[0], vdtypes[0], counts[0], weights[0], zero_start, tensor, o, &sum); break;
-            case DT_BF16: unions = one_bf16(positions[0], wide, values[0], vdtypes[0], counts[0], weights[0], zero_start, tensor, o, &sum); break;
-            case DT_F16: unions = one_f16(positions[0], wide, values[0], vdtypes[0], counts[0], weights[0], zero_start, tensor, o, &sum); break;
-            case DT_F64: unions = one_f64(positions[0], wide, values[0], vdtypes[0], counts[0], weights[0], zero_start, tensor, o, &sum); break;
+            case DT_F32: unions = one_f32(positions[0], wide, values[0], vdtypes[0], counts[0], weights[0], zero_start, tensor, o, &sum, &bad); break;
+            case DT_BF16: unions = one_bf16(positions[0], wide, values[0], vdtypes[0], counts[0], weights[0], zero_start, tensor, o, &sum, &bad); break;
+            case DT_F16: unions = one_f16(positions[0], wide, values[0], vdtypes[0], counts[0], weights[0], zero_start, tensor, o, &sum, &bad); break;
+            case DT_F64: unions = one_f64(positions[0], wide, values[0], vdtypes[0], counts[0], weights[0], zero_start, tensor, o, &sum, &bad); break;
         }
     } else {
         switch (dtype) {
-            case DT_F32: unions = sum_f32(k, positions, wide, values, vdtypes, counts, weights, zero_start, tensor, (float *const *)originals, &sum); break;
-            case DT_BF16: unions = sum_bf16(k, positions, wide, values, vdtypes, counts, weights, zero_start, tensor, (uint16_t *const *)originals, &sum); break;
-            case DT_F16: unions = sum_f16(k, positions, wide, values, vdtypes, counts, weights, zero_start, tensor, (uint16_t *const *)originals, &sum); break;
-            case DT_F64: unions = sum_f64(k, positions, wide, values, vdtypes, counts, weights, zero_start, tensor, (double *const *)originals, &sum); break;
+            case DT_F32: unions = sum_f32(k, positions, wide, values, vdtypes, counts, weights, zero_start, tensor, (float *const *)originals, &sum, &bad); break;
+            case DT_BF16: unions = sum_bf16(k, positions, wide, values, vdtypes, counts, weights, zero_start, tensor, (uint16_t *const *)originals, &sum, &bad); break;
+            case DT_F16: unions = sum_f16(k, positions, wide, values, vdtypes, counts, weights, zero_start, tensor, (uint16_t *const *)originals, &sum, &bad); break;
+            case DT_F64: unions = sum_f64(k, positions, wide, values, vdtypes, counts, weights, zero_start, tensor, (double *const *)originals, &sum, &bad); break;
         }
     }
     if (checksum) *checksum = (int64_t)sum;
+    if (nonfinite) *nonfinite = bad;
     return unions;
 }
 

@@ -12,8 +12,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .._dtypes import BASE_DTYPE_NAMES, VALUE_DTYPE_NAMES
 from .spec import (
-    BASE_DTYPE_NAMES,
     FINGERPRINT_METHOD,
     FINGERPRINT_SAMPLES,
     FORMAT_NAME,
@@ -23,7 +23,6 @@ from .spec import (
     STORAGE_PARTS,
     STORAGE_SINCE,
     SUPPORTED_MINOR,
-    VALUE_DTYPE_NAMES,
 )
 
 if TYPE_CHECKING:  # the parsing half of this module runs without torch (the streaming merge's fast path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,12 +63,16 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def read_header(path: Path, label: str) -> tuple[Header | None, list[str]]:
+def read_header(
+    path: Path, label: str, dtypes: Mapping[str, int] = ST_ITEMSIZE
+) -> tuple[Header | None, list[str]]:
     """Read and validate the header of the safetensors file at ``path``.
 
     Args:
         path: the file.
         label: how problems name the file (usually its name inside the delta folder).
+        dtypes: the dtype codes allowed, with their item sizes (a delta's by default; the merge reads base
+            checkpoints, which may hold any safetensors dtype).
 
     Returns:
         ``(header, [])`` when valid, else ``(None, problems)``.
@@ -102,10 +107,12 @@ def read_header(path: Path, label: str) -> tuple[Header | None, list[str]]:
     except (ValueError, RecursionError) as e:
         return None, [f"{label}: header is not valid UTF-8 JSON ({str(e)[:200]}); {_REPAIR}"]
     # Starting with '{' and parsing means obj is a dict.
-    return _check_entries(obj, size - 8 - n, label)
+    return _check_entries(obj, size - 8 - n, label, dtypes)
 
 
-def _check_entries(obj: dict[str, Any], data_len: int, label: str) -> tuple[Header | None, list[str]]:
+def _check_entries(
+    obj: dict[str, Any], data_len: int, label: str, dtypes: Mapping[str, int]
+) -> tuple[Header | None, list[str]]:
     problems: list[str] = []
     metadata = obj.get("__metadata__", {})
     if metadata is None:
@@ -123,11 +130,13 @@ def _check_entries(obj: dict[str, Any], data_len: int, label: str) -> tuple[Head
             continue
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         bad = []
-        if not isinstance(dtype, str) or dtype not in ST_ITEMSIZE:
-            bad.append(
-                f"dtype {str(dtype)[:20]!r} is not allowed in a delta (F32, BF16, F16 values; I32, I64 indices "
-                "and escapes; U8, U16 gaps and bitmaps)"
+        if not isinstance(dtype, str) or dtype not in dtypes:
+            allowed = (
+                "in a delta (F32, BF16, F16 values; I32, I64 indices and escapes; U8, U16 gaps and bitmaps)"
+                if dtypes is ST_ITEMSIZE
+                else f"({', '.join(dtypes)})"
             )
+            bad.append(f"dtype {str(dtype)[:20]!r} is not allowed {allowed}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             bad.append(f"shape must be a list of non-negative integers, got {str(shape)[:60]}")
         if not (
@@ -141,7 +150,7 @@ def _check_entries(obj: dict[str, Any], data_len: int, label: str) -> tuple[Head
             problems.append(f"{where}: {'; '.join(bad)}; {_REPAIR}")
             continue
         begin, end = offsets
-        nbytes = math.prod(shape) * ST_ITEMSIZE[dtype]
+        nbytes = math.prod(shape) * dtypes[dtype]
         if end - begin != nbytes:
             problems.append(
                 f"{where}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets span {end - begin}; "

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._dtypes import VALUE_DTYPE_NAMES
 from ..errors import DeltaFormatError
 from . import encoding
 from .config import RESAVE, DeltaConfig, ParamSpec, is_int, parse_config
@@ -42,7 +43,6 @@ from .spec import (
     STORAGE_SPARSE,
     SUFFIXES,
     VALUE_CODES,
-    VALUE_DTYPE_NAMES,
     VALUES,
     version_problem,
 )

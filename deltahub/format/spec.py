@@ -60,8 +60,6 @@ MAX_HEADER_SIZE = 100_000_000
 ST_ITEMSIZE: dict[str, int] = {"F32": 4, "BF16": 2, "F16": 2, "I32": 4, "I64": 8, "U8": 1, "U16": 2}
 # The values' codes and their dtype names; the base dtype names a delta may target.
 VALUE_CODES: dict[str, str] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-VALUE_DTYPE_NAMES = tuple(VALUE_CODES.values())
-BASE_DTYPE_NAMES = (*VALUE_DTYPE_NAMES, "float64")
 
 # Non-finite fingerprint samples are written as these strings because JSON has no NaN or infinity.
 NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}

@@ -9,13 +9,11 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from .._dtypes import VALUE_DTYPES, dtype_name, parse_dtype
-from ..card import model_card
-from ..delta import ParamDelta, SparseDelta
+from .._dtypes import dtype_name
 from ..errors import DeltaExistsError
 from . import encoding
 from .config import build_config, config_text, dumps
@@ -41,7 +39,13 @@ from .spec import (
     shard_name,
 )
 
-_VALUE_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+# torch is imported by save_delta, not here: the atomic-folder helpers below serve the torch-free merge too.
+if TYPE_CHECKING:
+    import torch
+
+    from ..delta import ParamDelta, SparseDelta
+
+_VALUE_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
 @dataclass
@@ -58,6 +62,8 @@ class _Encoded:
 
 
 def _raw(values: torch.Tensor) -> np.ndarray:
+    import torch
+
     values = values.detach().cpu().contiguous().reshape(-1)
     if values.dtype == torch.bfloat16:
         return values.view(torch.int16).numpy().view(np.uint16)  # numpy has no bfloat16: keep the bits
@@ -65,6 +71,8 @@ def _raw(values: torch.Tensor) -> np.ndarray:
 
 
 def _encode(name: str, p: ParamDelta, values_dtype: torch.dtype | None) -> _Encoded:
+    import torch
+
     values = p.values if values_dtype is None else p.values.to(values_dtype)
     if values_dtype is not None and not bool(torch.isfinite(values).all()):
         biggest = float(p.values.abs().max())
@@ -72,7 +80,7 @@ def _encode(name: str, p: ParamDelta, values_dtype: torch.dtype | None) -> _Enco
             f"values of {name} do not fit {dtype_name(values_dtype)} (largest magnitude {biggest:.4g}); keep "
             "their own dtype (values_dtype=None) or choose a wider one"
         )
-    code = _VALUE_CODES[values.dtype]
+    code = _VALUE_CODES[dtype_name(values.dtype)]
     raw = _raw(values)
     numel = p.numel
     positions = p.indices.detach().cpu().numpy()
@@ -167,6 +175,8 @@ def _write_files(delta: SparseDelta, folder: Path, max_bytes: int, values_dtype:
         (folder / INDEX_FILE).write_text(dumps(index, indent=2) + "\n", encoding="utf-8")
     config = config_text(build_config(delta, storages, value_names))
     (folder / CONFIG_FILE).write_text(config, encoding="utf-8")
+    from ..card import model_card
+
     (folder / CARD_FILE).write_text(model_card(delta), encoding="utf-8")
 
 
@@ -253,6 +263,9 @@ def save_delta(
         >>> save_delta(delta, "out/my-delta", max_shard_size="2GB")
         PosixPath('out/my-delta')
     """
+    from .._dtypes import VALUE_DTYPES, parse_dtype
+    from ..delta import SparseDelta
+
     if not isinstance(delta, SparseDelta):
         raise TypeError(f"save_delta expects a SparseDelta; got {type(delta).__name__}")
     max_bytes = parse_size(max_shard_size)

@@ -28,30 +28,26 @@ How it streams (see ``docs/merge.md``):
 
 from __future__ import annotations
 
-import errno
-import json
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .._dtypes import VALUE_DTYPES, parse_dtype
-from ..apply import check_base
-from ..checkpoint import INDEX_NAME
-from ..delta import SparseDelta, common_base
+from ..basecheck import check_base, common_base
 from ..errors import BaseMismatchError, DeltaExistsError, OutOfSpaceError
 from ..format.spec import parse_size
-from ..format.writer import install_folder, is_occupied
+from ..format.writer import is_occupied
 from ..methods import resolve_options
-from ..overlap import overlap_report
-from ..sources import DeltaSource, describe, resolve_deltas
-from .base import MARKER, BaseFiles, resolve_model
+from ..sources import DeltaSource, check_weights, describe, resolve_deltas
+from .base import BaseFiles, resolve_model
 from .card import model_card
 from .plan import DeltaInfo, MergePlan, MergeResult, shard_layout
-from .write import combined, copy_extras, index, make_tmp, remove_stale, space_error, write_shards
+from .write import combined, write_folder, write_shards
+
+if TYPE_CHECKING:  # torch is imported inside merge() only when the fast path does not apply
+    import torch
+
+    from ..delta import SparseDelta
 
 __all__ = ["MergePlan", "MergeResult", "OutOfSpaceError", "merge", "model_card", "resolve_model"]
 
@@ -106,13 +102,38 @@ def merge(
         ...       out="./llama-math-code", dtype="bfloat16")
     """
     options = resolve_options(method, method_options or {})
-    out_dtype = parse_dtype(dtype, allowed=VALUE_DTYPES, what="dtype") if dtype is not None else None
+    if dtype is None:
+        out_dtype = None
+    else:
+        from .._dtypes import VALUE_DTYPES, parse_dtype
+
+        out_dtype = parse_dtype(dtype, allowed=VALUE_DTYPES, what="dtype")
     max_bytes = parse_size(max_shard_size)
     out = Path(out)
     if not out.name or out.name in (".", ".."):
         raise ValueError(f"--out needs a folder path with a name; got {os.fspath(out)!r}")
     if is_occupied(out) and not overwrite:
         raise DeltaExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    sources = [deltas] if isinstance(deltas, (str, os.PathLike)) else deltas
+    if isinstance(sources, Sequence) and not sources:
+        raise ValueError("merge needs at least one delta")
+    from .fast import eligible, fast_merge
+
+    if isinstance(sources, Sequence) and eligible(method, out_dtype, dry_run, sources):
+        result = fast_merge(
+            base,
+            list(sources),
+            check_weights(len(sources), weights),
+            out=out,
+            method=method,
+            options=options,
+            max_bytes=max_bytes,
+            force=force,
+            overwrite=overwrite,
+            progress=progress,
+        )
+        if result is not None:
+            return result
     delta_list, weight_list = resolve_deltas(deltas, weights)
     if not delta_list:
         raise ValueError("merge needs at least one delta")
@@ -146,30 +167,17 @@ def merge(
         )
         if dry_run:
             if len(delta_list) > 1:
+                from ..overlap import overlap_report
+
                 plan.overlap = overlap_report(delta_list, weight_list)
             return MergeResult(plan, None)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(out)
-        free = shutil.disk_usage(out.parent).free
-        if free < plan.total_size:
-            raise space_error(out, plan.total_size, free)
-        tmp = make_tmp(out)
-        try:
-            nnz = write_shards(base_files, plan, tmp, delta_list, weight_list, progress)
-            if len(shards) > 1:
-                (tmp / INDEX_NAME).write_text(json.dumps(index(plan), indent=2) + "\n", encoding="utf-8")
-            copy_extras(base_folder, tmp, plan, base_files.config)
-            (tmp / "README.md").write_text(model_card(plan), encoding="utf-8")
-            (tmp / MARKER).unlink()
-            install_folder(tmp, out, overwrite)
-        except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if err.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(err, OutOfSpaceError):
-                raise space_error(out, plan.total_size, None, err) from err
-            raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        nnz = write_folder(
+            plan,
+            base_folder,
+            base_files.config,
+            overwrite,
+            lambda tmp: write_shards(base_files, plan, tmp, delta_list, weight_list, progress),
+        )
     finally:
         base_files.close()
     return MergeResult(plan, out, nnz)

@@ -9,18 +9,17 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..checkpoint import INDEX_NAME, SAFETENSORS_DTYPES, Checkpoint, read_offsets
+from ..checkpoint import INDEX_NAME, Checkpoint, read_offsets
 from ..errors import CheckpointError
 from ..fingerprint import sample_positions
 
-SHARD_PATTERN = "model-{index:05d}-of-{total:05d}.safetensors"
+if TYPE_CHECKING:
+    import torch
+
 TMP_TAG = "merge"
 MARKER = ".deltahub-merge-in-progress"
-ST_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 # Files of the base never copied: its weights (in any format: a stale copy would contradict the merged ones),
 # its model card (we write our own) and hidden files.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
@@ -110,7 +109,7 @@ class BaseFiles:
             self.weights_folder = ckpt.folder
         self.aliases: dict[str, str] = {}
         self._fds: dict[str, int] = {}
-        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._scratch: torch.Tensor | None = None
 
     def stored(self, name: str) -> _Stored:
         return self.tensors[self.aliases.get(name, name)]
@@ -130,6 +129,8 @@ class BaseFiles:
 
     def samples(self, name: str) -> tuple[float, ...]:
         # Positions come from the name the delta uses (an alias hashes differently), values from the stored tensor.
+        import torch
+
         s = self.stored(name)
         size = s.dtype.itemsize
         values = []
@@ -147,9 +148,11 @@ class BaseFiles:
         """One tensor, read with pread (no memory map: see the module docstring) into a scratch buffer reused
         for every read: valid until the next call. Reusing it saves the kernel zeroing and faulting in fresh
         pages for every tensor, which measured as a third of the merge's system time."""
+        import torch
+
         s = self.tensors[name]
-        if self._scratch.numel() < s.nbytes:
-            self._scratch = torch.empty(0, dtype=torch.uint8)  # free the old one before allocating the new
+        if self._scratch is None or self._scratch.numel() < s.nbytes:
+            self._scratch = None  # free the old one before allocating the new
             self._scratch = torch.empty(s.nbytes, dtype=torch.uint8)
         buf = self._scratch[: s.nbytes]
         view, done, fd = memoryview(buf.numpy()), 0, self.fd(s.file)
@@ -162,7 +165,7 @@ class BaseFiles:
 
     def close(self) -> None:
         fds, self._fds = self._fds, {}
-        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._scratch = None
         for fd in fds.values():
             os.close(fd)
 
@@ -172,6 +175,7 @@ class BaseFiles:
         if not missing or not self.config:
             return
         try:
+            import torch
             from transformers import AutoConfig, AutoModelForCausalLM
 
             config = AutoConfig.from_pretrained(self.folder)

@@ -13,32 +13,31 @@ import secrets
 import shutil
 import socket
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
-
-import torch
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from .._dtypes import dtype_name
-from ..apply import add_in_place
-from ..checkpoint import CONFIG_NAME
-from ..delta import ParamDelta, SparseDelta
+from ..checkpoint import CONFIG_NAME, INDEX_NAME, st_code
 from ..errors import CheckpointError, OutOfSpaceError
+from ..format.writer import install_folder
 from ..methods import combine_param, get_method
 from .base import (
     COPY_CHUNK,
     LOOKAHEAD,
     MARKER,
     SKIP_FILES,
-    ST_CODES,
     TMP_TAG,
     WEIGHT_SUFFIXES,
     BaseFiles,
 )
+from .card import model_card
 from .plan import MergePlan, TensorPlan, human
+
+if TYPE_CHECKING:  # torch is imported by the torch path's functions only: the fast path shares the rest
+    from ..delta import ParamDelta, SparseDelta
 
 # --------------------------------------------------------------------------------------------------------------
 # Writing
@@ -49,7 +48,7 @@ def _shard_header(tensors: Sequence[TensorPlan]) -> bytes:
     offset = 0
     for t in tensors:
         header[t.name] = {
-            "dtype": ST_CODES[t.dtype],
+            "dtype": st_code(t.dtype),
             "shape": list(t.shape),
             "data_offsets": [offset, offset + t.nbytes],
         }
@@ -105,10 +104,10 @@ def combined(
 ) -> ParamDelta:
     """The combination of one parameter, exactly as ``combine(deltas, weights, method)[name]`` computes it (the
     methods are per-parameter pure functions), without combining the other parameters at the same time."""
+    import torch
+
     if len(deltas) == 1 and weights[0] == 1.0 and method == "sum":
-        return deltas[0][name].with_values_dtype(
-            torch.float32
-        )  # combine's own shortcut, kept for identical bits
+        return deltas[0][name].with_values_dtype(torch.float32)  # combine's shortcut, kept for identical bits
     return combine_param(get_method(method), options, name, deltas, weights)
 
 
@@ -120,14 +119,16 @@ def write_shards(
     weights: Sequence[float],
     progress: bool,
 ) -> dict[str, int]:
+    import torch
+
+    from ..apply import add_in_place
+
     nnz: dict[str, int] = {}
     copier = _Copier()
     by_shard: dict[str, list[TensorPlan]] = {}
     for t in plan.tensors:
         by_shard.setdefault(t.shard, []).append(t)
-    bar = tqdm(
-        total=plan.total_size, unit="B", unit_scale=True, desc="merge", disable=None if progress else True
-    )
+    bar = progress_bar(plan.total_size, progress)
     # Combining a tensor's entries (a sort of its union) is CPU work; reading and writing are system calls that
     # release the GIL. A worker thread combines the next touched tensors while this one does the I/O: on two
     # cores that hides most of the combining. The lookahead is a few tensors, and their combined entries are
@@ -185,9 +186,33 @@ def write_shards(
     return nnz
 
 
+def progress_bar(total: int, progress: bool) -> Any:
+    """tqdm over ``total`` bytes, imported only when shown (its import is a sizeable part of a fast merge)."""
+    if not progress:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=None)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
 def _patch(fd: int, position: int, t: TensorPlan, change: ParamDelta) -> None:
     """``add_in_place`` on the tensor stored at ``position`` of the output file, through a shared map of its pages
     (unmapped right after, so the pages do not stay in this process's resident set)."""
+    import torch
+
+    from ..apply import add_in_place
+
     if t.nbytes == 0:
         return
     start = position - position % mmap.ALLOCATIONGRANULARITY
@@ -222,6 +247,43 @@ def copy_extras(base_folder: Path, out: Path, plan: MergePlan, config: dict[str,
             (out / name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             continue
         shutil.copyfile(item, out / name)  # follows the Hub cache's symlinks to the blobs
+
+
+def write_folder(
+    plan: MergePlan,
+    base_folder: Path,
+    config: dict[str, Any] | None,
+    overwrite: bool,
+    write_tensors: Callable[[Path], dict[str, int]],
+) -> dict[str, int]:
+    """The merged folder, atomically: checks the free space, writes everything into a hidden temporary sibling
+    (``write_tensors(tmp)`` the shards, then the index, the base's other files and the card) and renames it to
+    ``plan.out``. A failure removes the temporary folder; a full disk is :class:`OutOfSpaceError`. Returns
+    ``write_tensors``' entries per tensor."""
+    out = plan.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)
+    free = shutil.disk_usage(out.parent).free
+    if free < plan.total_size:
+        raise space_error(out, plan.total_size, free)
+    tmp = make_tmp(out)
+    try:
+        nnz = write_tensors(tmp)
+        if len(plan.shards) > 1:
+            (tmp / INDEX_NAME).write_text(json.dumps(index(plan), indent=2) + "\n", encoding="utf-8")
+        copy_extras(base_folder, tmp, plan, config)
+        (tmp / "README.md").write_text(model_card(plan), encoding="utf-8")
+        (tmp / MARKER).unlink()
+        install_folder(tmp, out, overwrite)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(err, OutOfSpaceError):
+            raise space_error(out, plan.total_size, None, err) from err
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return nnz
 
 
 # --------------------------------------------------------------------------------------------------------------

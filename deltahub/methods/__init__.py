@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import keyword
 import math
 import numbers
@@ -24,18 +25,14 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..delta import ParamDelta, SparseDelta, common_base
 from ..errors import MethodOptionError, UnknownMethodError
 from ..sources import check_weights
-from ..sparse_ops import Entries
-from .dare import dare
-from .magnitude import magnitude
-from .sum import task_arithmetic
-from .ties import ties
+
+if TYPE_CHECKING:  # the registry itself needs no torch (the CLI and the merge's fast path read it)
+    from ..delta import ParamDelta, SparseDelta
+    from ..sparse_ops import Entries
 
 __all__ = [
     "MethodFunction",
@@ -48,7 +45,7 @@ __all__ = [
     "resolve_options",
 ]
 
-MethodFunction = Callable[..., Entries]
+MethodFunction = Callable[..., "Entries"]
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 # Keywords combine() or the method call already use: an option with one of these names could never be passed.
@@ -239,6 +236,8 @@ def resolve_options(method: str, options: Mapping[str, Any]) -> dict[str, float 
 
 def _resolve_weights(deltas: Sequence[SparseDelta], weights: Sequence[float] | None) -> list[float]:
     """Check the inputs of a multi-delta operation; weights default to 1 each. Raises ValueError/TypeError."""
+    from ..delta import SparseDelta
+
     if isinstance(deltas, SparseDelta) or not isinstance(deltas, Sequence):
         raise TypeError(f"expected a list of SparseDelta; got {type(deltas).__name__}")
     bad = [f"{i} ({type(d).__name__})" for i, d in enumerate(deltas) if not isinstance(d, SparseDelta)]
@@ -256,6 +255,10 @@ def combine_param(
     deltas: Sequence[SparseDelta],
     weights: Sequence[float],
 ) -> ParamDelta:
+    import torch
+
+    from ..delta import ParamDelta
+
     touching = [(d[name], w) for d, w in zip(deltas, weights, strict=True) if name in d]
     first = touching[0][0]
     idx, vals = spec.function(
@@ -300,6 +303,10 @@ def combine(
     Example:
         >>> merged = combine([a, b], [1.0, -0.5], method="dare", density=0.2, seed=7)
     """
+    import torch
+
+    from ..delta import SparseDelta, common_base
+
     spec = get_method(method)
     resolved = spec.resolve(options)
     weights = _resolve_weights(deltas, weights)
@@ -323,13 +330,26 @@ def combine(
     return SparseDelta(params, provenance=provenance, **base)
 
 
+def _builtin(module: str, attr: str) -> MethodFunction:
+    """A built-in method's function, imported on its first call (the methods need torch; the registry not)."""
+
+    def call(*args: Any, **kwargs: Any) -> Entries:
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = attr
+    call.__doc__ = f"deltahub.methods.{module}.{attr}, imported on first use."
+    return call
+
+
 _BUILTINS = frozenset({"sum", "magnitude", "ties", "dare"})
 _DENSITY_HELP = "fraction of each delta's entries kept"
-register_method(MethodSpec("sum", task_arithmetic, {}, "task arithmetic: sum_i w_i * D_i in float32"))
+register_method(
+    MethodSpec("sum", _builtin("sum", "task_arithmetic"), {}, "task arithmetic: sum_i w_i * D_i in float32")
+)
 register_method(
     MethodSpec(
         "magnitude",
-        magnitude,
+        _builtin("magnitude", "magnitude"),
         {"density": MethodOption(0.5, _DENSITY_HELP, low=0.0, high=1.0, include_low=False)},
         "keep each delta's largest-magnitude entries, then weighted sum",
     )
@@ -337,7 +357,7 @@ register_method(
 register_method(
     MethodSpec(
         "ties",
-        ties,
+        _builtin("ties", "ties"),
         {
             "density": MethodOption(
                 0.5, _DENSITY_HELP + " before the sign election", low=0.0, high=1.0, include_low=False
@@ -349,7 +369,7 @@ register_method(
 register_method(
     MethodSpec(
         "dare",
-        dare,
+        _builtin("dare", "dare"),
         {
             "density": MethodOption(
                 0.5, "keep probability of each entry", low=0.0, high=1.0, include_low=False
