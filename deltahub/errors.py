@@ -18,6 +18,15 @@ def _bulleted(problems: Iterable[str]) -> str:
     return "\n".join(f"  - {p}" for p in problems)
 
 
+class InvalidArgumentError(DeltahubError, ValueError):
+    """An argument has a value the function cannot take (a bad size, dtype, weight, path...); the message names
+    the keyword argument, the value and the expected form."""
+
+
+class InvalidRepoIdError(InvalidArgumentError):
+    """A Hub repo id or ``org/name@revision`` reference that breaks the Hub's naming rules."""
+
+
 class DeltaFormatError(DeltahubError, ValueError):
     """A delta file or folder breaks the format contract (see ``docs/format.md``).
 
@@ -105,3 +114,8 @@ class NotADeltaError(HubError, ValueError):
 
 class OutOfSpaceError(DeltahubError, OSError):
     """The disk holding an output filled up (or would, by the planned output size)."""
+
+
+class MissingExtraError(DeltahubError, ImportError):
+    """An optional dependency (an extra such as ``deltahub[plot]``) is not installed; the message says what
+    to install."""
