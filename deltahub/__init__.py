@@ -7,10 +7,9 @@ Example:
     >>> model = deltahub.load_model("./base", ["./my-delta"])
 """
 
-__version__ = "0.1.0"
-
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .errors import (
     BaseMismatchError,
     CheckpointError,

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from . import native
+from ._tensors import check_tied, storage_key, tied_groups
 from .basecheck import BaseView, _TensorsView, check_base, common_base
 from .checkpoint import StoredTensor, file_mappings, is_mapped_at, read_elements, stored_tensors
 from .delta import ParamDelta, SparseDelta
-from .errors import BaseMismatchError, CheckpointError, RevertError
+from .errors import ArgumentTypeError, CheckpointError, InvalidArgumentError, RevertError
 from .fingerprint import sample_positions
 from .methods import _resolve_weights, combine, combine_param, get_method, resolve_options
 from .sources import DeltaSource, resolve_deltas
@@ -37,12 +38,7 @@ def _target_tensors(target: nn.Module | Mapping[str, torch.Tensor]) -> dict[str,
         return {k: v.data if isinstance(v, nn.Parameter) else v for k, v in named.items()}
     if isinstance(target, Mapping):
         return dict(target)
-    raise TypeError(f"apply_deltas needs an nn.Module or a state dict; got {type(target).__name__}")
-
-
-def _identity(t: torch.Tensor) -> tuple:
-    """Two names with equal identities are one tensor (tied weights): the delta is applied to it once."""
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+    raise ArgumentTypeError(f"apply_deltas needs an nn.Module or a state dict; got {type(target).__name__}")
 
 
 @dataclass
@@ -202,7 +198,7 @@ def add_sum(
     saved = _Saved(t, [(idx, o) for (idx, _), o in zip(keep, originals, strict=True)], checksum)
     if overflowed:
         _restore(t, saved.pairs)
-        raise ValueError(
+        raise InvalidArgumentError(
             f"combination method 'sum' gave an invalid result for {name}: {overflowed} values are NaN or "
             "infinite (the weighted sum overflows float32); use smaller weights"
         )
@@ -338,29 +334,18 @@ def _apply(
     names = list(dict.fromkeys(n for d in delta_list for n in d))
 
     def change_of(name: str) -> ParamDelta:
-        if len(delta_list) == 1 and weight_list[0] == 1.0 and spec.name == "sum":
-            return delta_list[0][name].with_values_dtype(torch.float32)  # combine's own shortcut
         return combine_param(spec, options, name, delta_list, weight_list)
 
     # Tied parameters: several names, one tensor. Apply once; two different deltas for one tensor is an error.
-    by_tensor: dict[tuple, list[str]] = {}
-    for name in names:
-        by_tensor.setdefault(_identity(tensors[name]), []).append(name)
-    for tied in by_tensor.values():
-        if len(tied) > 1:
-            first = change_of(tied[0])
-            for other in tied[1:]:
-                if not first.equal(change_of(other)):
-                    raise BaseMismatchError(
-                        f"{tied[0]} and {other} are one tied tensor in this model but the deltas change them "
-                        "differently; keep one of the two names in the delta"
-                    )
+    # Tied parameters: several names, one tensor. Apply once; two different deltas for one tensor is an error.
+    groups = tied_groups((name, tensors[name]) for name in names)
+    check_tied(groups, change_of)
     # One parameter at a time: its combined entries exist only while it is being changed.
     shortcut = len(delta_list) == 1 and weight_list[0] == 1.0
     saved: dict[str, _Saved] = {}
     with torch.no_grad():
         try:
-            for name, *_ in by_tensor.values():
+            for name, *_ in groups:
                 tensor = tensors[name] if own is None else own(tensors[name])
                 if spec.name == "sum":
                     parts = [(d[name], w) for d, w in zip(delta_list, weight_list, strict=True) if name in d]
@@ -398,13 +383,13 @@ class _Owner:
                 stored = {}
         self._mappings = file_mappings() if stored else []
         self._stored = stored
-        self._params: dict[tuple, list[tuple[str, nn.Parameter]]] = {}
+        self._params: dict[object, list[tuple[str, nn.Parameter]]] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
-            self._params.setdefault(_identity(param.data), []).append((name, param))
+            self._params.setdefault(storage_key(param.data) or ("alone", name), []).append((name, param))
 
     def file_of(self, tensor: torch.Tensor) -> StoredTensor | None:
         """Where ``tensor``'s bytes are in the checkpoint, when it is exactly those bytes, mapped."""
-        for name, _ in self._params.get(_identity(tensor), ()):
+        for name, _ in self._params.get(storage_key(tensor), ()):
             s = self._stored.get(name)
             if (
                 s is not None
@@ -433,9 +418,9 @@ class _Owner:
         return View(tensors)
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        group = self._params.get(_identity(tensor))
+        group = self._params.get(storage_key(tensor))
         if group is None or tensor.device.type != "cpu":
-            return tensor  # a buffer, or on an accelerator: written in place as apply_deltas would
+            return tensor  # a buffer, empty, or on an accelerator: written in place as apply_deltas would
         s = self.file_of(tensor)
         owned = s.read() if s is not None else tensor.clone()
         for _, param in group:

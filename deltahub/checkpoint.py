@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,67 +21,17 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from safetensors import SafetensorError, safe_open
 
-from .errors import CheckpointError
+from . import _dtypes
+from .errors import ArgumentTypeError, CheckpointError, PathNotFoundError
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: reading headers and byte ranges needs none
     import torch
     from torch import nn
 
-    SAFETENSORS_DTYPES: dict[str, torch.dtype]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
-
-# safetensors' dtype codes; float8 and unsigned ints need a recent torch, so look them up by name.
-_ST_CODES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "U16": "uint16",
-    "U32": "uint32",
-    "U64": "uint64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-_CODE_OF_NAME = {n: c for c, n in _ST_CODES.items()}
-
-
-def st_code(dtype: Any) -> str:
-    """The safetensors code of a torch dtype or dtype name (``torch.bfloat16`` or ``"bfloat16"`` -> ``"BF16"``)."""
-    return _CODE_OF_NAME[str(dtype).removeprefix("torch.")]
-
-
-ST_ITEMSIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
-}  # fmt: skip
-FLOATING_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
-
-
-def _torch_dtypes() -> dict[str, torch.dtype]:
-    """``SAFETENSORS_DTYPES``, built on first use: it needs torch."""
-    table = globals().get("SAFETENSORS_DTYPES")
-    if table is None:
-        import torch
-
-        table = {c: getattr(torch, n) for c, n in _ST_CODES.items() if hasattr(torch, n)}
-        globals()["SAFETENSORS_DTYPES"] = table
-    return table
-
-
-def __getattr__(name: str) -> Any:
-    if name == "SAFETENSORS_DTYPES":
-        return _torch_dtypes()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _CONVERT_HINT = (
@@ -206,7 +155,7 @@ class Checkpoint(Mapping[str, "torch.Tensor"]):
 
     def dtype(self, name: str) -> torch.dtype:
         """The tensor's dtype, from the file header (no data is read)."""
-        dtypes = _torch_dtypes()
+        dtypes = _dtypes.SAFETENSORS_DTYPES
         code = self._meta[name][1]
         if code not in dtypes:
             raise CheckpointError(
@@ -239,7 +188,7 @@ def _locate(path: Path) -> tuple[Path, dict[str, str]]:
                 "; Checkpoint reads local folders only: for a Hub model download it first, e.g. "
                 f"`huggingface_hub.snapshot_download({str(path)!r}, allow_patterns=['*.safetensors', '*.json'])`"
             )
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r}{hint}")
+        raise PathNotFoundError(f"no checkpoint at {str(path)!r}{hint}")
     if path.is_file():
         if path.name.endswith(".json"):
             return path.parent, _read_index(path)
@@ -297,16 +246,14 @@ def _read_index(index: Path) -> dict[str, str]:
 
 
 def read_offsets(path: Path) -> dict[str, tuple[int, int]]:
-    """``{name: (absolute start, byte length)}`` from a safetensors header (that safetensors validated already:
-    a :class:`Checkpoint` opened the file)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return {
-        k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
-        for k, v in header.items()
-    }
+    """``{name: (absolute start, byte length)}`` from a safetensors header, read by the format's one parser
+    (every check a delta's header gets, with every safetensors dtype allowed)."""
+    from .format.header import read_header
+
+    header, problems = read_header(path, path.name, dtypes=_dtypes.ST_ITEMSIZES)
+    if header is None:
+        raise CheckpointError(f"cannot read the shard {path}:\n" + "\n".join(f"  - {p}" for p in problems))
+    return {k: (header.data_start + t.begin, t.end - t.begin) for k, t in header.tensors.items()}
 
 
 @dataclass(frozen=True)
@@ -406,7 +353,7 @@ def stored_tensors(folder: str | os.PathLike) -> dict[str, StoredTensor]:
                 start, nbytes = offsets[name]
                 code = ckpt._meta[name][1]
                 shape = ckpt.shape(name)
-                dtype = _torch_dtypes().get(code)
+                dtype = _dtypes.SAFETENSORS_DTYPES.get(code)
                 if dtype is not None and math.prod(shape) * dtype.itemsize != nbytes:
                     dtype = None
                 out[name] = StoredTensor(ckpt.folder / file, start, nbytes, shape, dtype)
@@ -424,15 +371,17 @@ class StateDictSource(Mapping[str, "torch.Tensor"]):
     def __init__(self, tensors: Mapping[str, torch.Tensor], *, model_id: str | None = None):
         import torch
 
+        from ._tensors import storage_key
+
         self.model_id = model_id or None
         self._tensors: dict[str, torch.Tensor] = {}
         seen: set[tuple] = set()
         for name, tensor in tensors.items():
             if not isinstance(tensor, torch.Tensor):
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"a state dict must map names to tensors; {name!r} is {type(tensor).__name__}"
                 )
-            ident = _identity(tensor)
+            ident = storage_key(tensor)
             if ident is not None:
                 if ident in seen:
                     continue
@@ -458,13 +407,6 @@ class StateDictSource(Mapping[str, "torch.Tensor"]):
         return f"StateDictSource(tensors={len(self)}, model_id={self.model_id!r})"
 
 
-def _identity(t: torch.Tensor) -> tuple | None:
-    # Empty and meta tensors have no memory to share; without this they would all look like one tensor.
-    if t.numel() == 0 or t.device.type == "meta":
-        return None
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-
-
 def as_tensor_source(
     x: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike | TensorSource,
 ) -> TensorSource:
@@ -486,7 +428,7 @@ def as_tensor_source(
         return x
     if isinstance(x, Mapping):
         return StateDictSource(x)
-    raise TypeError(
+    raise ArgumentTypeError(
         f"expected an nn.Module, a state dict (Mapping[str, Tensor]) or a checkpoint folder path; "
         f"got {type(x).__name__}"
     )

@@ -76,6 +76,7 @@ def test_fast_path_writes_the_torch_paths_bytes(tmp_path, spy, dtype, method, op
     assert str(quick.plan).replace("AAA", "X") == str(slow.plan).replace("BBB", "X")
 
 
+@pytest.mark.slow
 def test_the_cli_merge_imports_no_torch(tmp_path):
     base, model = make_base(tmp_path)
     paths = make_deltas(tmp_path, model)

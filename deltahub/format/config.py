@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .._dtypes import BASE_DTYPE_NAMES, VALUE_DTYPE_NAMES
+from .._version import __version__
+from ..errors import InvalidArgumentError
 from .spec import (
     FINGERPRINT_METHOD,
     FINGERPRINT_SAMPLES,
@@ -61,7 +63,6 @@ def build_config(
     ``storages`` and ``values_dtypes`` say how the writer stores each parameter (its storage, and the dtype
     name of its values as written).
     """
-    from .. import __version__  # lazy: deltahub/__init__ may import this package
 
     names = list(delta) if names is None else names
     params = [delta[n] for n in names]
@@ -103,7 +104,7 @@ def dumps(obj: Any, **kwargs: Any) -> str:
         # allow_nan=False: NaN is not JSON, and our own reader rejects it.
         return json.dumps(obj, allow_nan=False, ensure_ascii=False, **kwargs)
     except (TypeError, ValueError) as e:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"delta metadata cannot be written as JSON ({e}); provenance must hold only JSON values "
             "(str, int, finite float, bool, None, lists and dicts with string keys)"
         ) from e

@@ -1,10 +1,11 @@
-"""Pre-validation of a raw safetensors header, before the file is handed to safetensors.
+"""The one safetensors header parser: validation of a raw header before the file is handed to safetensors.
 
 A safetensors file is ``N`` (8 bytes, little-endian), an ``N``-byte JSON header, then the data region. The
 header describes each tensor's dtype, shape and ``[begin, end)`` byte range inside the data region. We check
 all of it against the real file size first, so a header that lies about sizes can never make us (or
 safetensors) allocate or map memory in proportion to its claims, and every problem is reported in words
-instead of a library exception.
+instead of a library exception. The delta reader allows the format's dtypes only; the streaming merge reads a
+base checkpoint's headers with every safetensors dtype (``dtypes=_dtypes.ST_ITEMSIZES``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ class Header:
 
     tensors: dict[str, TensorEntry]
     metadata: dict[str, str]
+    data_start: int = 0  # absolute file offset of the data region (8 + header length)
 
 
 def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -64,15 +66,15 @@ def _is_int(x: object) -> bool:
 
 
 def read_header(
-    path: Path, label: str, dtypes: Mapping[str, int] = ST_ITEMSIZE
+    path: Path, label: str, *, dtypes: Mapping[str, int] = ST_ITEMSIZE
 ) -> tuple[Header | None, list[str]]:
     """Read and validate the header of the safetensors file at ``path``.
 
     Args:
         path: the file.
         label: how problems name the file (usually its name inside the delta folder).
-        dtypes: the dtype codes allowed, with their item sizes (a delta's by default; the merge reads base
-            checkpoints, which may hold any safetensors dtype).
+        dtypes: the safetensors dtype codes allowed, with their item sizes (default: a delta's; the merge reads
+            base checkpoints with every safetensors dtype, ``_dtypes.ST_ITEMSIZES``).
 
     Returns:
         ``(header, [])`` when valid, else ``(None, problems)``.
@@ -107,7 +109,8 @@ def read_header(
     except (ValueError, RecursionError) as e:
         return None, [f"{label}: header is not valid UTF-8 JSON ({str(e)[:200]}); {_REPAIR}"]
     # Starting with '{' and parsing means obj is a dict.
-    return _check_entries(obj, size - 8 - n, label, dtypes)
+    header, problems = _check_entries(obj, size - 8 - n, label, dtypes)
+    return (replace(header, data_start=8 + n) if header else None), problems
 
 
 def _check_entries(
@@ -132,11 +135,12 @@ def _check_entries(
         bad = []
         if not isinstance(dtype, str) or dtype not in dtypes:
             allowed = (
-                "in a delta (F32, BF16, F16 values; I32, I64 indices and escapes; U8, U16 gaps and bitmaps)"
+                "F32, BF16, F16 values; I32, I64 indices and escapes; U8, U16 gaps and bitmaps"
                 if dtypes is ST_ITEMSIZE
-                else f"({', '.join(dtypes)})"
+                else ", ".join(dtypes)
             )
-            bad.append(f"dtype {str(dtype)[:20]!r} is not allowed {allowed}")
+            what = "in a delta" if dtypes is ST_ITEMSIZE else "here"
+            bad.append(f"dtype {str(dtype)[:20]!r} is not allowed {what} ({allowed})")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             bad.append(f"shape must be a list of non-negative integers, got {str(shape)[:60]}")
         if not (

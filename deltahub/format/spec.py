@@ -8,6 +8,9 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
+from .._dtypes import ST_ITEMSIZES
+from ..errors import InvalidArgumentError
+
 FORMAT_NAME = "deltahub.sparse_delta"
 FORMAT_VERSION = "1.1"
 # Readers accept any version of this major; a newer major may change the layout and is refused. A newer minor
@@ -56,9 +59,11 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 MAX_HEADER_SIZE = 100_000_000
 
 # The safetensors dtype codes the format can contain, with their item size (no torch here: the streaming merge
-# reads deltas without importing it).
-ST_ITEMSIZE: dict[str, int] = {"F32": 4, "BF16": 2, "F16": 2, "I32": 4, "I64": 8, "U8": 1, "U16": 2}
-# The values' codes and their dtype names; the base dtype names a delta may target.
+# reads deltas without importing it): a subset of the one table in _dtypes.
+ST_ITEMSIZE: dict[str, int] = {
+    code: ST_ITEMSIZES[code] for code in ("F32", "BF16", "F16", "I32", "I64", "U8", "U16")
+}
+# The values' codes and their dtype names.
 VALUE_CODES: dict[str, str] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 # Non-finite fingerprint samples are written as these strings because JSON has no NaN or infinity.
@@ -87,7 +92,7 @@ def parse_size(size: int | str) -> int:
         ValueError: for anything else, or a size that is not positive.
     """
     if isinstance(size, bool) or not isinstance(size, (int, str)):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"max_shard_size must be an int (bytes) or a string like '500MB' or '2GiB'; got {size!r}"
         )
     if isinstance(size, int):
@@ -96,14 +101,14 @@ def parse_size(size: int | str) -> int:
         match = _SIZE.match(size)
         unit = match.group(2).upper() if match else None
         if match is None or unit not in _UNITS:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"max_shard_size {size!r} is not a size; use bytes or a number with one of "
                 f"KB, MB, GB, TB, KiB, MiB, GiB, TiB (e.g. '500MB', '2GiB')"
             )
         # Decimal, not float: '1.5GB' must not pick up a binary rounding error.
         value = int(Decimal(match.group(1)) * _UNITS[unit])
     if value <= 0:
-        raise ValueError(f"max_shard_size must be positive; got {size!r}")
+        raise InvalidArgumentError(f"max_shard_size must be positive; got {size!r}")
     return value
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +11,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._atomic import atomic_folder, check_output
 from .._dtypes import dtype_name
-from ..errors import DeltaExistsError
+from ..errors import ArgumentTypeError, InvalidArgumentError
 from . import encoding
 from .config import build_config, config_text, dumps
 from .spec import (
@@ -39,7 +38,7 @@ from .spec import (
     shard_name,
 )
 
-# torch is imported by save_delta, not here: the atomic-folder helpers below serve the torch-free merge too.
+# torch is imported by the functions that need it: format.__init__ and the fast merge import this package.
 if TYPE_CHECKING:
     import torch
 
@@ -76,7 +75,7 @@ def _encode(name: str, p: ParamDelta, values_dtype: torch.dtype | None) -> _Enco
     values = p.values if values_dtype is None else p.values.to(values_dtype)
     if values_dtype is not None and not bool(torch.isfinite(values).all()):
         biggest = float(p.values.abs().max())
-        raise ValueError(
+        raise InvalidArgumentError(
             f"values of {name} do not fit {dtype_name(values_dtype)} (largest magnitude {biggest:.4g}); keep "
             "their own dtype (values_dtype=None) or choose a wider one"
         )
@@ -180,53 +179,6 @@ def _write_files(delta: SparseDelta, folder: Path, max_bytes: int, values_dtype:
     (folder / CARD_FILE).write_text(model_card(delta), encoding="utf-8")
 
 
-def is_occupied(target: Path) -> bool:
-    if target.is_symlink() or target.is_file():
-        return True
-    return target.is_dir() and any(target.iterdir())
-
-
-def fresh_sibling(target: Path, tag: str) -> Path:
-    # os.mkdir rather than tempfile.mkdtemp: mkdtemp's 0o700 mode would survive the rename and hide the delta
-    # from other users; mkdir honours the umask like any folder the user creates.
-    while True:
-        candidate = target.parent / f".{target.name}.{tag}-{secrets.token_hex(4)}"
-        try:
-            os.mkdir(candidate)
-            return candidate
-        except FileExistsError:
-            continue
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def install_folder(tmp: Path, target: Path, overwrite: bool) -> None:
-    if not (target.exists() or target.is_symlink()):
-        os.replace(tmp, target)
-        return
-    if not is_occupied(target):
-        target.rmdir()
-        os.replace(tmp, target)
-        return
-    if not overwrite:
-        raise DeltaExistsError(f"{target} already exists and is not empty; pass overwrite=True to replace it")
-    # Move the old delta aside first so that at every instant the target is either the old or the new delta.
-    old = fresh_sibling(target, "old")
-    os.rmdir(old)
-    os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    _remove(old)
-
-
 def save_delta(
     delta: SparseDelta,
     path: str | os.PathLike[str],
@@ -267,23 +219,13 @@ def save_delta(
     from ..delta import SparseDelta
 
     if not isinstance(delta, SparseDelta):
-        raise TypeError(f"save_delta expects a SparseDelta; got {type(delta).__name__}")
+        raise ArgumentTypeError(f"save_delta expects a SparseDelta; got {type(delta).__name__}")
     max_bytes = parse_size(max_shard_size)
     cast = (
         None if values_dtype is None else parse_dtype(values_dtype, allowed=VALUE_DTYPES, what="values_dtype")
     )
-    target = Path(path)
-    if not target.name or target.name in (".", ".."):
-        raise ValueError(f"save_delta needs a folder path with a name; got {os.fspath(path)!r}")
-    if is_occupied(target) and not overwrite:
-        raise DeltaExistsError(f"{target} already exists and is not empty; pass overwrite=True to replace it")
+    target = check_output(path, overwrite=overwrite, keyword="path")
     dumps(delta.provenance)  # provenance that is not JSON fails before anything is created
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = fresh_sibling(target, "tmp")
-    try:
+    with atomic_folder(target, overwrite=overwrite) as tmp:
         _write_files(delta, tmp, max_bytes, cast)
-        install_folder(tmp, target, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

@@ -33,14 +33,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._atomic import check_output
+from .._dtypes import dtype_name
 from ..basecheck import check_base, common_base
-from ..errors import BaseMismatchError, DeltaExistsError, OutOfSpaceError
+from ..errors import InvalidArgumentError, OutOfSpaceError
 from ..format.spec import parse_size
-from ..format.writer import is_occupied
 from ..methods import resolve_options
 from ..sources import DeltaSource, check_weights, describe, resolve_deltas
 from .base import BaseFiles, resolve_model
 from .card import model_card
+from .config import DeltaEntry, MergeConfig
 from .plan import DeltaInfo, MergePlan, MergeResult, shard_layout
 from .write import combined, write_folder, write_shards
 
@@ -49,7 +51,16 @@ if TYPE_CHECKING:  # torch is imported inside merge() only when the fast path do
 
     from ..delta import SparseDelta
 
-__all__ = ["MergePlan", "MergeResult", "OutOfSpaceError", "merge", "model_card", "resolve_model"]
+__all__ = [
+    "DeltaEntry",
+    "MergeConfig",
+    "MergePlan",
+    "MergeResult",
+    "OutOfSpaceError",
+    "merge",
+    "model_card",
+    "resolve_model",
+]
 
 # --------------------------------------------------------------------------------------------------------------
 # The function
@@ -109,14 +120,10 @@ def merge(
 
         out_dtype = parse_dtype(dtype, allowed=VALUE_DTYPES, what="dtype")
     max_bytes = parse_size(max_shard_size)
-    out = Path(out)
-    if not out.name or out.name in (".", ".."):
-        raise ValueError(f"--out needs a folder path with a name; got {os.fspath(out)!r}")
-    if is_occupied(out) and not overwrite:
-        raise DeltaExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    out = check_output(out, overwrite=overwrite, keyword="out")
     sources = [deltas] if isinstance(deltas, (str, os.PathLike)) else deltas
     if isinstance(sources, Sequence) and not sources:
-        raise ValueError("merge needs at least one delta")
+        raise InvalidArgumentError("merge needs at least one delta")
     from .fast import eligible, fast_merge
 
     if isinstance(sources, Sequence) and eligible(method, out_dtype, dry_run, sources):
@@ -128,6 +135,7 @@ def merge(
             method=method,
             options=options,
             max_bytes=max_bytes,
+            max_shard_size=max_shard_size,
             force=force,
             overwrite=overwrite,
             progress=progress,
@@ -136,7 +144,7 @@ def merge(
             return result
     delta_list, weight_list = resolve_deltas(deltas, weights)
     if not delta_list:
-        raise ValueError("merge needs at least one delta")
+        raise InvalidArgumentError("merge needs at least one delta")
     common_base(delta_list)
     base_folder, base_id, base_revision = resolve_model(base)
     base_files = BaseFiles(base_folder)
@@ -165,6 +173,7 @@ def merge(
             shards=shards,
             out=out,
         )
+        plan.config = _config(plan, max_shard_size)
         if dry_run:
             if len(delta_list) > 1:
                 from ..overlap import overlap_report
@@ -187,8 +196,8 @@ def _check_out(out: Path, base_folder: Path) -> None:
     """Refuse an ``out`` that is the base or holds it: replacing it would destroy the weights being read."""
     o, b = out.resolve(), base_folder.resolve()
     if o == b or o in b.parents:
-        raise ValueError(
-            f"--out {out} is (or contains) the base model folder {base_folder}; choose another folder"
+        raise InvalidArgumentError(
+            f"`out` {out} is (or contains) the base model folder {base_folder}; choose another folder"
         )
 
 
@@ -200,15 +209,22 @@ def _check_tied(
     options: Mapping[str, Any],
 ) -> None:
     """A tied tensor changed under two names must get the same change from both (as apply_deltas requires)."""
+    from .._tensors import check_tied
+
     for stored, names in users.items():
-        if len(names) > 1:
-            first = combined(names[0], deltas, weights, method, options)
-            for other in names[1:]:
-                if not first.equal(combined(other, deltas, weights, method, options)):
-                    raise BaseMismatchError(
-                        f"{names[0]} and {other} are one tied tensor ({stored}) in this model but the deltas change "
-                        "them differently; keep one of the two names in the delta"
-                    )
+        check_tied([names], lambda n: combined(n, deltas, weights, method, options), where=f" ({stored})")
+
+
+def _config(plan: MergePlan, max_shard_size: int | str) -> MergeConfig:
+    """The merge.yaml of this merge, revisions pinned to what was resolved (the base's commit for a Hub base)."""
+    return MergeConfig(
+        base=plan.base + (f"@{plan.base_revision}" if plan.base_revision else ""),
+        deltas=tuple(DeltaEntry(d.source, d.weight, d.revision) for d in plan.deltas),
+        method=plan.method,
+        options=dict(plan.options),
+        dtype=dtype_name(plan.dtype) if plan.dtype is not None else None,
+        max_shard_size=max_shard_size,
+    )
 
 
 def _delta_info(delta: SparseDelta, position: int, weight: float) -> DeltaInfo:

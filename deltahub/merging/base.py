@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import INDEX_NAME, Checkpoint, read_offsets
-from ..errors import CheckpointError
+from ..errors import CheckpointError, PathNotFoundError
 from ..fingerprint import sample_positions
+from ..hub_ids import is_ref, parse_ref
 
 if TYPE_CHECKING:
     import torch
@@ -23,7 +23,7 @@ MARKER = ".deltahub-merge-in-progress"
 # Files of the base never copied: its weights (in any format: a stale copy would contradict the merged ones),
 # its model card (we write our own) and hidden files.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-SKIP_FILES = frozenset({INDEX_NAME, "pytorch_model.bin.index.json", "README.md"})
+SKIP_FILES = frozenset({INDEX_NAME, "pytorch_model.bin.index.json", "README.md", "merge.yaml"})
 # What a Hub base needs: weights in transformers' naming, configs, tokenizer files, chat template, custom code.
 HUB_PATTERNS = [
     "model*.safetensors",
@@ -35,7 +35,6 @@ HUB_PATTERNS = [
     "*.py",
     "LICENSE*",
 ]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[^\s@]+)?$")
 COPY_CHUNK = 16 << 20
 LOOKAHEAD = 4  # touched tensors combined ahead of the writer
 
@@ -55,12 +54,12 @@ def resolve_model(ref: str | os.PathLike) -> tuple[Path, str, str | None]:
     if path.exists():
         return path, str(ref), None
     text = os.fspath(ref)
-    if not _HUB_ID.match(text):
-        raise FileNotFoundError(
+    if not is_ref(text):
+        raise PathNotFoundError(
             f"no model at {text!r}: expected a local folder written by save_pretrained, or a Hub id like "
             "'org/name' or 'org/name@revision'"
         )
-    repo_id, _, revision = text.partition("@")
+    repo_id, revision = parse_ref(text)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 

@@ -30,17 +30,10 @@ from typing import Any
 import numpy as np
 
 from .. import native
+from .._dtypes import FLOATING_CODES, ST_ITEMSIZES, ST_NAMES
 from ..basecheck import check_base, common_base
-from ..checkpoint import (
-    _ST_CODES,
-    CONFIG_NAME,
-    FLOATING_CODES,
-    INDEX_NAME,
-    ST_ITEMSIZES,
-    WEIGHTS_NAME,
-    _read_index,
-)
-from ..errors import CheckpointError
+from ..checkpoint import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, _read_index
+from ..errors import CheckpointError, InvalidArgumentError
 from ..fingerprint import sample_positions
 from ..format.header import read_header
 from ..format.reader import RawDelta, RawParam, read_delta
@@ -68,7 +61,7 @@ class Dtype:
         return self.code in FLOATING_CODES
 
     def __str__(self) -> str:  # the dtype's name, as dtype_name() gives a torch dtype's
-        return _ST_CODES[self.code]
+        return ST_NAMES[self.code]
 
 
 @dataclass(frozen=True)
@@ -106,11 +99,11 @@ class FastBase:
         self.weight_files = files
         problems: list[str] = []
         for file in files:
-            header, bad = read_header(folder / file, file, ST_ITEMSIZES)
+            header, bad = read_header(folder / file, file, dtypes=ST_ITEMSIZES)
             problems += bad
             if header is None:
                 continue
-            start = 8 + int.from_bytes((folder / file).open("rb").read(8), "little")
+            start = header.data_start
             names = [n for n in header.tensors if weight_map is None or weight_map.get(n) == file]
             absent = sorted(n for n, f in (weight_map or {}).items() if f == file and n not in header.tensors)
             if absent:
@@ -187,13 +180,14 @@ def fast_merge(
     method: str,
     options: Mapping[str, Any],
     max_bytes: int,
+    max_shard_size: int | str,
     force: bool,
     overwrite: bool,
     progress: bool,
 ) -> MergeResult | None:
     """:func:`deltahub.merging.merge` for an :func:`eligible` merge; None where the base needs the torch path
     (a delta names a tied tensor the checkpoint stores under another name: resolving that needs the model)."""
-    from . import _check_out, _delta_info
+    from . import _check_out, _config, _delta_info
 
     deltas = [read_delta(p) for p in delta_paths]
     common_base(deltas)
@@ -219,6 +213,7 @@ def fast_merge(
             shards=shards,
             out=out,
         )
+        plan.config = _config(plan, max_shard_size)
         nnz = write_folder(
             plan,
             base_folder,
@@ -264,7 +259,7 @@ def combine(
     )
     if not bool(np.isfinite(values).all()):
         bad = int(values.size - np.count_nonzero(np.isfinite(values)))
-        raise ValueError(
+        raise InvalidArgumentError(
             f"combination method {method!r} gave an invalid result for {name}: {bad} values are NaN or infinite "
             "(the weighted values overflow float32); use smaller weights"
         )
@@ -312,7 +307,7 @@ def patch(fd: int, position: int, t: TensorPlan, change: _Change) -> None:
         finally:
             del view  # the map cannot close while an array still points into it
     if overflowed:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"combination method 'sum' gave an invalid result for {t.name}: {overflowed} values are NaN or "
             "infinite (the weighted sum overflows float32); use smaller weights"
         )

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # dtypes are torch's, or the fast path's torch-free ones (sam
 
     from ..overlap import OverlapReport
     from .base import BaseFiles
+from .config import MergeConfig
 
 SHARD_PATTERN = "model-{index:05d}-of-{total:05d}.safetensors"
 
@@ -76,6 +77,7 @@ class MergePlan:
     shards: dict[str, int]
     out: Path
     overlap: OverlapReport | None = None
+    config: MergeConfig | None = None  # what reproduces this merge: the merged folder's merge.yaml
 
     @property
     def total_size(self) -> int:

@@ -9,7 +9,6 @@ import math
 import mmap
 import os
 import re
-import secrets
 import shutil
 import socket
 import struct
@@ -18,11 +17,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
-from .._dtypes import dtype_name
-from ..checkpoint import CONFIG_NAME, INDEX_NAME, st_code
+from .._atomic import fresh_sibling, install_folder
+from .._dtypes import dtype_name, st_code
+from .._version import __version__
+from ..checkpoint import CONFIG_NAME, INDEX_NAME
 from ..errors import CheckpointError, OutOfSpaceError
-from ..format.writer import install_folder
 from ..methods import combine_param, get_method
 from .base import (
     COPY_CHUNK,
@@ -34,6 +33,7 @@ from .base import (
     BaseFiles,
 )
 from .card import model_card
+from .config import CONFIG_NAME as MERGE_YAML
 from .plan import MergePlan, TensorPlan, human
 
 if TYPE_CHECKING:  # torch is imported by the torch path's functions only: the fast path shares the rest
@@ -104,10 +104,6 @@ def combined(
 ) -> ParamDelta:
     """The combination of one parameter, exactly as ``combine(deltas, weights, method)[name]`` computes it (the
     methods are per-parameter pure functions), without combining the other parameters at the same time."""
-    import torch
-
-    if len(deltas) == 1 and weights[0] == 1.0 and method == "sum":
-        return deltas[0][name].with_values_dtype(torch.float32)  # combine's shortcut, kept for identical bits
     return combine_param(get_method(method), options, name, deltas, weights)
 
 
@@ -273,6 +269,8 @@ def write_folder(
             (tmp / INDEX_NAME).write_text(json.dumps(index(plan), indent=2) + "\n", encoding="utf-8")
         copy_extras(base_folder, tmp, plan, config)
         (tmp / "README.md").write_text(model_card(plan), encoding="utf-8")
+        if plan.config is not None:
+            (tmp / MERGE_YAML).write_text(plan.config.to_yaml(), encoding="utf-8")
         (tmp / MARKER).unlink()
         install_folder(tmp, out, overwrite)
     except OSError as err:
@@ -317,15 +315,11 @@ def glob_escape(text: str) -> str:
 
 
 def make_tmp(out: Path) -> Path:
-    while True:
-        tmp = out.parent / f".{out.name}.{TMP_TAG}-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            os.mkdir(tmp)  # mkdir, not mkdtemp: its 0o700 would survive the rename
-        except FileExistsError:
-            continue
-        marker = {"pid": os.getpid(), "host": socket.gethostname(), "deltahub": __version__}
-        (tmp / MARKER).write_text(json.dumps(marker), encoding="utf-8")
-        return tmp
+    """The merge's hidden sibling, with a marker naming its process so a later merge can remove it if killed."""
+    tmp = fresh_sibling(out, f"{TMP_TAG}-{os.getpid()}")
+    marker = {"pid": os.getpid(), "host": socket.gethostname(), "deltahub": __version__}
+    (tmp / MARKER).write_text(json.dumps(marker), encoding="utf-8")
+    return tmp
 
 
 def space_error(out: Path, needed: int, free: int | None, err: OSError | None = None) -> OutOfSpaceError:
@@ -333,6 +327,6 @@ def space_error(out: Path, needed: int, free: int | None, err: OSError | None = 
     return OutOfSpaceError(
         errno.ENOSPC,
         f"not enough disk space for the merged model in {out.parent} ({human(needed)} needed{have}): free "
-        "some space or choose --out on another disk; nothing was left behind"
+        "some space or choose `out` on another disk; nothing was left behind"
         + (f" ({err.strerror})" if err is not None and err.strerror else ""),
     )
