@@ -35,9 +35,15 @@ def top_fraction(indices: np.ndarray, values: np.ndarray, fraction: float) -> En
         return indices, values
     if keep == 0:
         return indices[:0], values[:0]
-    # torch.sort(descending=True, stable=True) on |v| == a stable ascending sort of -|v| (finite values).
-    order = np.argsort(-np.abs(values), kind="stable")[:keep]
-    order.sort()
+    # torch sorts |v| descending, stably, and keeps the first `keep` in position order: that is every entry above
+    # the keep-th largest magnitude t, plus the first entries (by position) equal to t. A partition finds t in
+    # O(nnz), where the sort cost O(nnz log nnz): 4x the whole ties merge's CPU time at 1B.
+    magnitudes = np.abs(values)
+    t = np.partition(magnitudes, n - keep)[n - keep]
+    chosen = magnitudes > t
+    at_t = np.flatnonzero(magnitudes == t)[: keep - int(np.count_nonzero(chosen))]
+    chosen[at_t] = True
+    order = np.flatnonzero(chosen)
     return indices[order], values[order]
 
 
@@ -45,7 +51,17 @@ def union(indices: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
     """sparse_ops.union: sorted unique positions and where each input's entries land in them."""
     if len(indices) == 1:
         return indices[0], [np.arange(indices[0].size)]
-    positions, inverse = np.unique(np.concatenate(indices), return_inverse=True)
+    # np.unique's own algorithm, with a stable sort: the inputs are sorted runs, which timsort merges in
+    # linear time (np.unique's quicksort of the concatenation does not know that).
+    cat = np.concatenate(indices)
+    order = np.argsort(cat, kind="stable")
+    ordered = cat[order]
+    first = np.empty(cat.size, dtype=bool)
+    first[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    positions = ordered[first]
+    inverse = np.empty(cat.size, dtype=np.int64)
+    inverse[order] = np.cumsum(first) - 1
     return positions, np.split(inverse, np.cumsum([i.size for i in indices])[:-1])
 
 
