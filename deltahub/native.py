@@ -79,6 +79,12 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p,
     ]  # fmt: skip
+    lib.deltahub_sum_stream.restype = ctypes.c_int64
+    lib.deltahub_sum_stream.argtypes = [
+        ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int64, ctypes.c_int32,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+    ]  # fmt: skip
     lib.deltahub_checksum.restype = ctypes.c_int64
     lib.deltahub_checksum.argtypes = [
         ctypes.c_void_p,
@@ -110,6 +116,7 @@ def sum_apply(
     wide: bool,
     zero_start: bool,
     originals: Sequence[int] | None,
+    lo: int = 0,
 ) -> tuple[int, int, int]:
     """Add ``sum_i weights[i] * list_i`` to the contiguous tensor at address ``tensor`` in place.
 
@@ -122,11 +129,53 @@ def sum_apply(
         weights: one per list (rounded to float32, as torch's ``alpha`` is).
         zero_start: False only for combine's shortcut (one delta of weight 1: its values are the sums).
         originals: per list, where to write the tensor's elements at its positions before the change, or None.
+        lo: ``tensor`` holds elements ``[lo, numel)`` only (one chunk of a larger tensor): positions must lie
+            there.
 
     Returns:
         ``(union positions, checksum of the new elements, sums that overflowed float32)``; with overflowed sums
         the tensor holds infinities there, and the caller restores it from ``originals``.
     """
+    k = len(lists)
+    if not 0 < k <= MAX_LISTS:
+        raise ValueError(f"the native sum takes 1 to {MAX_LISTS} lists; got {k}")
+    for _, _, _, count, first, last in lists:
+        if count and not (lo <= first <= last < numel):
+            raise ValueError(f"positions [{first}, {last}] outside elements [{lo}, {numel}) of the tensor")
+    ptrs = (ctypes.c_void_p * k)(*(p for p, *_ in lists))
+    vals = (ctypes.c_void_p * k)(*(v for _, v, *_ in lists))
+    vdtypes = (ctypes.c_int32 * k)(*(DTYPES[d] for _, _, d, *_ in lists))
+    counts = (ctypes.c_int64 * k)(*(c for *_, c, _, _ in lists))
+    w = (ctypes.c_float * k)(*(float(x) for x in weights))
+    orig = None if originals is None else (ctypes.c_void_p * k)(*originals)
+    checksum, nonfinite = ctypes.c_int64(0), ctypes.c_int64(0)
+    unions = lib.deltahub_sum_apply(
+        k, ptrs, int(wide), vals, vdtypes, counts, w, int(zero_start), tensor - lo * ITEMSIZE[dtype], DTYPES[dtype], orig,
+        ctypes.byref(checksum), ctypes.byref(nonfinite),
+    )  # fmt: skip
+    if unions < 0:
+        raise RuntimeError("the native sum refused its arguments")
+    return unions, checksum.value, nonfinite.value
+
+
+def sum_stream(
+    lib: ctypes.CDLL,
+    dtype: str,
+    numel: int,
+    src: tuple[int, int],
+    dst: tuple[int, int],
+    lists: Sequence[tuple[int, int, str, int, int, int]],
+    weights: Sequence[float],
+    *,
+    wide: bool,
+    zero_start: bool,
+    buffer: tuple[int, int],
+) -> int:
+    """:func:`sum_apply` on a tensor that is in a file, streamed: the ``numel`` elements at ``src = (fd, byte
+    offset)`` are written to ``dst = (fd, byte offset)`` with the sum added, through ``buffer = (address,
+    bytes)``, one chunk at a time (read, add the entries that fall in it, write), without the GIL. ``lists`` as
+    for :func:`sum_apply`. Returns the number of sums that overflowed float32. Raises OSError for a failed read
+    or write, EOFError when the source ends early."""
     k = len(lists)
     if not 0 < k <= MAX_LISTS:
         raise ValueError(f"the native sum takes 1 to {MAX_LISTS} lists; got {k}")
@@ -138,15 +187,18 @@ def sum_apply(
     vdtypes = (ctypes.c_int32 * k)(*(DTYPES[d] for _, _, d, *_ in lists))
     counts = (ctypes.c_int64 * k)(*(c for *_, c, _, _ in lists))
     w = (ctypes.c_float * k)(*(float(x) for x in weights))
-    orig = None if originals is None else (ctypes.c_void_p * k)(*originals)
-    checksum, nonfinite = ctypes.c_int64(0), ctypes.c_int64(0)
-    unions = lib.deltahub_sum_apply(
-        k, ptrs, int(wide), vals, vdtypes, counts, w, int(zero_start), tensor, DTYPES[dtype], orig,
-        ctypes.byref(checksum), ctypes.byref(nonfinite),
+    nonfinite = ctypes.c_int64(0)
+    rc = lib.deltahub_sum_stream(
+        k, ptrs, int(wide), vals, vdtypes, counts, w, int(zero_start), DTYPES[dtype], src[0], src[1], dst[0],
+        dst[1], numel, buffer[0], buffer[1], ctypes.byref(nonfinite),
     )  # fmt: skip
-    if unions < 0:
+    if rc == -1:
+        raise EOFError("the source ended early")
+    if rc == -2:
         raise RuntimeError("the native sum refused its arguments")
-    return unions, checksum.value, nonfinite.value
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    return nonfinite.value
 
 
 def checksum(lib: ctypes.CDLL, tensor: int, itemsize: int, positions: int, wide: bool, count: int) -> int:

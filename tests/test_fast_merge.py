@@ -125,7 +125,7 @@ def test_a_tied_name_the_checkpoint_stores_under_another_falls_back(tmp_path, sp
 def test_a_failure_mid_way_leaves_nothing(tmp_path, monkeypatch, spy):
     base, model = make_base(tmp_path)
     paths = make_deltas(tmp_path, model)
-    calls, real = [], fast.patched
+    calls, real = [], fast.patch_tensor
 
     def failing(*args):
         calls.append(1)
@@ -133,7 +133,7 @@ def test_a_failure_mid_way_leaves_nothing(tmp_path, monkeypatch, spy):
             raise RuntimeError("boom")
         return real(*args)
 
-    monkeypatch.setattr(fast, "patched", failing)
+    monkeypatch.setattr(fast, "patch_tensor", failing)
     with pytest.raises(RuntimeError, match="boom"):
         merge(base, paths, out=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

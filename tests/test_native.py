@@ -108,7 +108,7 @@ def test_int64_positions_of_a_parameter_past_2_31():
     add_sum(t, [(p, 1.0), (p, 0.5)], shortcut=False)
     assert t.tolist() == [0, 1.5, 0, 0, 0, 0, 0, 0, 0, 3.0]
     bad = ParamDelta._trusted(torch.tensor([1, 10]), torch.ones(2), (10,), t.dtype)
-    with pytest.raises(ValueError, match=r"positions \[1, 10\] outside a tensor of 10 elements"):
+    with pytest.raises(ValueError, match=r"positions \[1, 10\] outside elements \[0, 10\) of the tensor"):
         add_sum(t, [(bad, 1.0)], shortcut=False)
 
 

@@ -221,3 +221,85 @@ void deltahub_scatter(void *tensor, int32_t itemsize, const void *positions, int
         memcpy((char *)tensor + p * itemsize, (const char *)values + j * itemsize, (size_t)itemsize);
     }
 }
+
+/* The merge's streaming patch: the tensor of `numel` elements at byte `src_off` of file `src` is written to byte
+ * `dst_off` of file `dst` with the same sum added (same arithmetic as deltahub_sum_apply), through `buf` of
+ * `chunk` bytes: read a chunk, add the entries that fall in it, write it. The deltas' positions are merged
+ * once across all chunks. Returns 0, or -errno of a failed read or write (-1 for a short read: the source
+ * ended early), or -2 for arguments it refuses. *nonfinite as above. */
+#include <errno.h>
+#include <unistd.h>
+
+#define DEFINE_STREAM(NAME, ELEM, TAG)                                                                           \
+    static int64_t NAME(int32_t k, const void *const *positions, int32_t wide, const void *const *values,       \
+                        const int32_t *vdtypes, const int64_t *counts, const float *weights, int32_t zero_start, \
+                        int src, int64_t src_off, int dst, int64_t dst_off, int64_t numel, ELEM *buf,           \
+                        int64_t per_chunk, int64_t *bad) {                                                      \
+        int64_t cursor[64], head[64];                                                                           \
+        for (int32_t i = 0; i < k; i++) {                                                                       \
+            cursor[i] = 0;                                                                                      \
+            head[i] = counts[i] ? position_at(positions[i], wide, 0) : INT64_MAX;                               \
+        }                                                                                                       \
+        for (int64_t lo = 0; lo < numel; lo += per_chunk) {                                                     \
+            int64_t hi = lo + per_chunk < numel ? lo + per_chunk : numel;                                       \
+            size_t nbytes = (size_t)(hi - lo) * sizeof(ELEM), done = 0;                                         \
+            while (done < nbytes) {                                                                             \
+                ssize_t got = pread(src, (char *)buf + done, nbytes - done, src_off + lo * (int64_t)sizeof(ELEM) + (int64_t)done); \
+                if (got < 0 && errno == EINTR) continue;                                                        \
+                if (got < 0) return -errno;                                                                     \
+                if (got == 0) return -1;                                                                        \
+                done += (size_t)got;                                                                            \
+            }                                                                                                   \
+            for (;;) {                                                                                          \
+                int64_t p = head[0];                                                                            \
+                for (int32_t i = 1; i < k; i++)                                                                 \
+                    if (head[i] < p) p = head[i];                                                               \
+                if (p >= hi) break;                                                                             \
+                float s = 0.0f;                                                                                 \
+                int32_t holders = 0;                                                                            \
+                for (int32_t i = 0; i < k; i++)                                                                 \
+                    if (head[i] == p) {                                                                         \
+                        float term = value_at(values[i], vdtypes[i], cursor[i]) * weights[i];                   \
+                        s = (holders == 0 && !zero_start) ? term : s + term;                                    \
+                        holders++;                                                                              \
+                        cursor[i]++;                                                                            \
+                        head[i] = cursor[i] < counts[i] ? position_at(positions[i], wide, cursor[i]) : INT64_MAX; \
+                    }                                                                                           \
+                if (!isfinite(s)) (*bad)++;                                                                     \
+                ELEM *t = buf + (p - lo);                                                                       \
+                *t = STORE_##TAG((ACC_##TAG)LOAD_##TAG(*t) + (ACC_##TAG)s);                                     \
+            }                                                                                                   \
+            done = 0;                                                                                           \
+            while (done < nbytes) {                                                                             \
+                ssize_t put = pwrite(dst, (char *)buf + done, nbytes - done, dst_off + lo * (int64_t)sizeof(ELEM) + (int64_t)done); \
+                if (put < 0 && errno == EINTR) continue;                                                        \
+                if (put < 0) return -errno;                                                                     \
+                done += (size_t)put;                                                                            \
+            }                                                                                                   \
+        }                                                                                                       \
+        return 0;                                                                                               \
+    }
+
+DEFINE_STREAM(stream_f32, float, F32)
+DEFINE_STREAM(stream_bf16, uint16_t, BF16)
+DEFINE_STREAM(stream_f16, uint16_t, F16)
+DEFINE_STREAM(stream_f64, double, F64)
+
+int64_t deltahub_sum_stream(int32_t k, const void *const *positions, int32_t wide, const void *const *values,
+                            const int32_t *vdtypes, const int64_t *counts, const float *weights, int32_t zero_start,
+                            int32_t dtype, int32_t src, int64_t src_off, int32_t dst, int64_t dst_off, int64_t numel,
+                            void *buf, int64_t chunk_bytes, int64_t *nonfinite) {
+    int64_t bad = 0, rc = -2;
+    if (k < 1 || k > 64) return -2;
+    int64_t size = dtype == DT_F64 ? 8 : dtype == DT_F32 ? 4 : 2;
+    int64_t per_chunk = chunk_bytes / size;
+    if (per_chunk < 1) return -2;
+    switch (dtype) {
+        case DT_F32: rc = stream_f32(k, positions, wide, values, vdtypes, counts, weights, zero_start, src, src_off, dst, dst_off, numel, buf, per_chunk, &bad); break;
+        case DT_BF16: rc = stream_bf16(k, positions, wide, values, vdtypes, counts, weights, zero_start, src, src_off, dst, dst_off, numel, buf, per_chunk, &bad); break;
+        case DT_F16: rc = stream_f16(k, positions, wide, values, vdtypes, counts, weights, zero_start, src, src_off, dst, dst_off, numel, buf, per_chunk, &bad); break;
+        case DT_F64: rc = stream_f64(k, positions, wide, values, vdtypes, counts, weights, zero_start, src, src_off, dst, dst_off, numel, buf, per_chunk, &bad); break;
+    }
+    if (nonfinite) *nonfinite = bad;
+    return rc;
+}
