@@ -244,7 +244,8 @@ def main() -> None:
     envs: dict[str, dict[str, str]] = {}
     if args.baseline:
         tree = baseline_tree(args.workdir, args.baseline)
-        old = [*dh[:5], *map(str, v1_0_copies(deltas)), *dh[7:]]
+        # -P: not the current folder first on sys.path, where this checkout's deltahub would shadow PYTHONPATH's.
+        old = [dh[0], "-P", *dh[1:5], *map(str, v1_0_copies(deltas)), *dh[7:]]
         for method, extra in (("sum", []), ("ties", ["--method", "ties", "--density", "0.5"])):
             name = f"{args.baseline} merge {method}"
             commands[name] = [*old, *extra]
