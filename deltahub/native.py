@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 SOURCE = Path(__file__).with_name("csrc") / "sparse_sum.c"
 # -ffp-contract=off: a fused multiply-add would round once where torch rounds twice (product, then sum).
@@ -105,6 +106,26 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def _lists(
+    lists: Sequence[tuple[int, int, str, int, int, int]], weights: Sequence[float], lo: int, numel: int
+) -> tuple[int, Any, Any, Any, Any, Any]:
+    """The kernel's list arguments as ctypes arrays, after checking every list's positions lie in [lo, numel)."""
+    k = len(lists)
+    if not 0 < k <= MAX_LISTS:
+        raise ValueError(f"the native sum takes 1 to {MAX_LISTS} lists; got {k}")
+    for _, _, _, count, first, last in lists:
+        if count and not (lo <= first <= last < numel):
+            raise ValueError(f"positions [{first}, {last}] outside elements [{lo}, {numel}) of the tensor")
+    return (
+        k,
+        (ctypes.c_void_p * k)(*(p for p, *_ in lists)),
+        (ctypes.c_void_p * k)(*(v for _, v, *_ in lists)),
+        (ctypes.c_int32 * k)(*(DTYPES[d] for _, _, d, *_ in lists)),
+        (ctypes.c_int64 * k)(*(c for *_, c, _, _ in lists)),
+        (ctypes.c_float * k)(*(float(x) for x in weights)),
+    )
+
+
 def sum_apply(
     lib: ctypes.CDLL,
     tensor: int,
@@ -136,17 +157,7 @@ def sum_apply(
         ``(union positions, checksum of the new elements, sums that overflowed float32)``; with overflowed sums
         the tensor holds infinities there, and the caller restores it from ``originals``.
     """
-    k = len(lists)
-    if not 0 < k <= MAX_LISTS:
-        raise ValueError(f"the native sum takes 1 to {MAX_LISTS} lists; got {k}")
-    for _, _, _, count, first, last in lists:
-        if count and not (lo <= first <= last < numel):
-            raise ValueError(f"positions [{first}, {last}] outside elements [{lo}, {numel}) of the tensor")
-    ptrs = (ctypes.c_void_p * k)(*(p for p, *_ in lists))
-    vals = (ctypes.c_void_p * k)(*(v for _, v, *_ in lists))
-    vdtypes = (ctypes.c_int32 * k)(*(DTYPES[d] for _, _, d, *_ in lists))
-    counts = (ctypes.c_int64 * k)(*(c for *_, c, _, _ in lists))
-    w = (ctypes.c_float * k)(*(float(x) for x in weights))
+    k, ptrs, vals, vdtypes, counts, w = _lists(lists, weights, lo, numel)
     orig = None if originals is None else (ctypes.c_void_p * k)(*originals)
     checksum, nonfinite = ctypes.c_int64(0), ctypes.c_int64(0)
     unions = lib.deltahub_sum_apply(
@@ -176,17 +187,7 @@ def sum_stream(
     bytes)``, one chunk at a time (read, add the entries that fall in it, write), without the GIL. ``lists`` as
     for :func:`sum_apply`. Returns the number of sums that overflowed float32. Raises OSError for a failed read
     or write, EOFError when the source ends early."""
-    k = len(lists)
-    if not 0 < k <= MAX_LISTS:
-        raise ValueError(f"the native sum takes 1 to {MAX_LISTS} lists; got {k}")
-    for _, _, _, count, first, last in lists:
-        if count and not (0 <= first <= last < numel):
-            raise ValueError(f"positions [{first}, {last}] outside a tensor of {numel} elements")
-    ptrs = (ctypes.c_void_p * k)(*(p for p, *_ in lists))
-    vals = (ctypes.c_void_p * k)(*(v for _, v, *_ in lists))
-    vdtypes = (ctypes.c_int32 * k)(*(DTYPES[d] for _, _, d, *_ in lists))
-    counts = (ctypes.c_int64 * k)(*(c for *_, c, _, _ in lists))
-    w = (ctypes.c_float * k)(*(float(x) for x in weights))
+    k, ptrs, vals, vdtypes, counts, w = _lists(lists, weights, 0, numel)
     nonfinite = ctypes.c_int64(0)
     rc = lib.deltahub_sum_stream(
         k, ptrs, int(wide), vals, vdtypes, counts, w, int(zero_start), DTYPES[dtype], src[0], src[1], dst[0],
