@@ -361,6 +361,7 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(setup, monkeypatch):
         merge(base, paths, out=root / "out", progress=False)
 
 
+@pytest.mark.slow
 def test_a_stale_temporary_folder_of_a_dead_merge_is_removed(setup):
     root, base, _, paths = setup
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -394,6 +395,7 @@ m.merge(sys.argv[1], sys.argv[2:], out=sys.argv[1] + "-merged", max_shard_size="
 """
 
 
+@pytest.mark.slow
 def test_a_merge_killed_mid_way_leaves_nothing_finished_and_the_base_untouched(setup):
     root, base, _, paths = setup
     before = file_hashes(base)

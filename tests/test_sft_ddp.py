@@ -11,6 +11,9 @@ from safetensors.torch import load_file
 
 import deltahub
 
+# two processes under torchrun
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("algorithm", ["rigl", "sm3"])
 def test_two_ranks_end_with_identical_positions_and_values(tmp_path, algorithm):

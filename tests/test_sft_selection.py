@@ -181,6 +181,7 @@ def test_sm3_selection_needs_the_sm3_optimizer():
         SftSM3([layer.sft_values], model.active_deltas(), betas=(0.9, 0.99))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["rigl", "sm3"])
 def test_positions_stay_unique_and_on_budget_through_real_training(algorithm):
     from tiny import tiny_llama, tokens
