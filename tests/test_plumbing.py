@@ -160,3 +160,27 @@ def test_docs_list_exactly_the_exit_codes_the_cli_uses():
     text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
     for entry in EXIT_CODES:
         assert f"| {entry.code} | {entry.kind} |" in text, entry
+
+
+def test_no_core_module_imports_the_demo_or_training():
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "deltahub"
+    offenders = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("demo/") or rel == "cli/demo.py":  # the demo itself, and its CLI verb (lazily)
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                package = rel.split("/")[:-1]
+                base = package[: len(package) - node.level + 1] if node.level else []
+                module = ".".join(["deltahub", *base, node.module or ""] if node.level else [node.module or ""])
+                names = [module] + [f"{module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any(n.startswith(("deltahub.demo", "training")) for n in names):
+                offenders.append(f"{rel}: {names[0]}")
+    assert offenders == []
