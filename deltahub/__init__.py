@@ -12,6 +12,7 @@ from .apply import AppliedDeltas, apply_deltas, load_model
 from .checkpoint import Checkpoint, as_tensor_source
 from .delta import ParamDelta, SparseDelta
 from .errors import (
+    ArgumentTypeError,
     BaseMismatchError,
     CheckpointError,
     DeltaExistsError,
@@ -23,21 +24,27 @@ from .errors import (
     HubError,
     HubRepoNotFoundError,
     HubRevisionNotFoundError,
+    InvalidArgumentError,
+    InvalidRepoIdError,
+    MergeConfigError,
     MethodOptionError,
+    MissingExtraError,
     NotADeltaError,
     OutOfSpaceError,
+    PathNotFoundError,
     RevertError,
     UnknownMethodError,
 )
 from .extract import extract_delta
 from .format import load_delta, save_delta
 from .hub import PushResult, load_hub_delta, parse_delta_ref, pull_delta, push_delta
-from .merging import MergePlan, MergeResult, merge
+from .merging import MergeConfig, MergePlan, MergeResult, merge
 from .methods import MethodOption, MethodSpec, available_methods, combine, get_method, register_method
 from .overlap import OverlapReport, overlap_report
 
 __all__ = [
     "AppliedDeltas",
+    "ArgumentTypeError",
     "BaseMismatchError",
     "Checkpoint",
     "CheckpointError",
@@ -50,15 +57,21 @@ __all__ = [
     "HubError",
     "HubRepoNotFoundError",
     "HubRevisionNotFoundError",
+    "InvalidArgumentError",
+    "InvalidRepoIdError",
+    "MergeConfig",
+    "MergeConfigError",
     "MergePlan",
     "MergeResult",
     "MethodOption",
     "MethodOptionError",
     "MethodSpec",
+    "MissingExtraError",
     "NotADeltaError",
     "OutOfSpaceError",
     "OverlapReport",
     "ParamDelta",
+    "PathNotFoundError",
     "PushResult",
     "RevertError",
     "SparseDelta",
