@@ -4,6 +4,7 @@ tensors), the index, the base's other files, and the hidden temporary folder ren
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import mmap
@@ -233,15 +234,38 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _host_tag() -> str:
+    """Six hex digits naming this host, so a temporary folder's name says whose it is (shared filesystems)."""
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=3).hexdigest()
+
+
+# The tail of a temporary folder's name after ".NAME.": merge-PID-HOST-XXXXXXXX (see make_tmp).
+_TMP_NAME = re.compile(rf"{TMP_TAG}-(\d{{1,10}})-([0-9a-f]{{6}})-[0-9a-f]{{8}}")
+
+
+def _owner(tmp: Path, out: Path) -> tuple[str | None, int | None]:
+    """``(host, pid)`` of the merge that made ``tmp``: from its marker, else (the marker is removed just before
+    the final rename, so a kill in between leaves none) from its name; ``(None, None)`` when neither says."""
+    try:
+        marker = json.loads((tmp / MARKER).read_text(encoding="utf-8"))
+        pid = marker.get("pid")
+        if isinstance(marker.get("host"), str) and isinstance(pid, int) and not isinstance(pid, bool):
+            return marker["host"], pid
+    except (OSError, ValueError, AttributeError):
+        pass
+    match = _TMP_NAME.fullmatch(tmp.name[len(out.name) + 2 :])
+    if match and match.group(2) == _host_tag():
+        return socket.gethostname(), int(match.group(1))
+    return None, None
+
+
 def remove_stale(out: Path) -> None:
-    """Remove temporary folders that a killed merge into ``out`` left behind (their process is gone)."""
+    """Remove temporary folders that a killed merge into ``out`` left behind (their process is gone, on this host).
+    Folders whose owner cannot be told (not ours, or still being created) are left alone."""
     host = socket.gethostname()
     for tmp in out.parent.glob(f".{glob_escape(out.name)}.{TMP_TAG}-*"):
-        try:
-            marker = json.loads((tmp / MARKER).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # not ours, or still being created: leave it
-        if marker.get("host") == host and not _pid_alive(int(marker.get("pid", -1))):
+        owner, pid = _owner(tmp, out)
+        if owner == host and pid is not None and pid > 0 and not _pid_alive(pid):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -251,7 +275,7 @@ def glob_escape(text: str) -> str:
 
 def make_tmp(out: Path) -> Path:
     """The merge's hidden sibling, with a marker naming its process so a later merge can remove it if killed."""
-    tmp = fresh_sibling(out, f"{TMP_TAG}-{os.getpid()}")
+    tmp = fresh_sibling(out, f"{TMP_TAG}-{os.getpid()}-{_host_tag()}")
     marker = {"pid": os.getpid(), "host": socket.gethostname(), "deltahub": __version__}
     (tmp / MARKER).write_text(json.dumps(marker), encoding="utf-8")
     return tmp
