@@ -157,13 +157,13 @@ def regular_file(path: Path, label: str, folder: Path | None = None) -> tuple[Pa
 
 
 def open_regular(path: Path) -> int:
-    """Open ``path`` for reading without blocking on a FIFO or following a final link, and check the opened
-    descriptor is a regular file (so a file swapped after :func:`regular_file` cannot slip through).
+    """Open ``path`` for reading without blocking on a FIFO, and check the opened descriptor is a regular file
+    (so a device or a file swapped after :func:`regular_file` cannot slip through).
 
     Raises:
         OSError: it cannot be opened, or is not a regular file (``errno.EINVAL`` then).
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(22, "not a regular file", os.fspath(path))
