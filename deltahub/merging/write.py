@@ -27,7 +27,7 @@ from .._version import __version__
 from ..apply import add_in_place
 from ..checkpoint import CONFIG_NAME
 from ..delta import ParamDelta, SparseDelta
-from ..errors import CheckpointError, OutOfSpaceError
+from ..errors import CheckpointError, OutOfSpaceError, OutputNotWritableError
 from ..methods import combine_param, get_method
 from .base import (
     COPY_CHUNK,
@@ -279,6 +279,28 @@ def make_tmp(out: Path) -> Path:
     marker = {"pid": os.getpid(), "host": socket.gethostname(), "deltahub": __version__}
     (tmp / MARKER).write_text(json.dumps(marker), encoding="utf-8")
     return tmp
+
+
+def write_error(out: Path, needed: int, err: OSError) -> OSError:
+    """The error to raise for ``err``, met while writing the merged model to ``out``: out of space, a read-only
+    filesystem, a file-size limit and a refused permission each say so and what to do; anything else as is."""
+    if isinstance(err, (OutOfSpaceError, OutputNotWritableError)):
+        return err
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return space_error(out, needed, None, err)
+    where = f"cannot write the merged model to {out}"
+    fix = {
+        errno.EROFS: f"{out.absolute().parent} is on a read-only file system; choose `out` on a writable disk",
+        errno.EFBIG: (
+            "a file would exceed the file-size limit (ulimit -f, or the filesystem's largest file); pass a "
+            "smaller `max_shard_size` (each output file is at most that) or choose `out` on another disk"
+        ),
+        errno.EACCES: f"permission denied for {err.filename or out.parent}; choose `out` in a folder you can write",
+        errno.EPERM: f"not permitted for {err.filename or out.parent}; choose `out` in a folder you can write",
+    }.get(err.errno)
+    if fix is None:
+        return err
+    return OutputNotWritableError(err.errno, f"{where}: {fix}; nothing was left behind")
 
 
 def space_error(out: Path, needed: int, free: int | None, err: OSError | None = None) -> OutOfSpaceError:
