@@ -43,6 +43,18 @@ def ndjson(*ops) -> bytes:
     return b"\n".join(json.dumps(op).encode() for op in ops)
 
 
+EVIL = {"key": "file", "value": {"path": "secret.txt", "content": "owned"}}
+
+
+def commit(url: str, repo_id: str, token: str, summary: str, *ops) -> tuple[int, dict]:
+    """POST a commit of ``ops`` (after its header) to ``repo_id``'s main: (status, JSON answer)."""
+    header = {"key": "header", "value": {"summary": summary}}
+    status, _, body = request(
+        url, "POST", f"/api/models/{repo_id}/commit/main", token=token, body=ndjson(header, *ops)
+    )
+    return status, body
+
+
 @pytest.fixture
 def bob_secret(hub_env):
     """Bob's private repo holding secret.txt; returns its name (the part after 'bob/')."""
@@ -76,11 +88,7 @@ def test_traversal_in_repo_ids_is_refused_on_every_route(hub_env, bob_secret, te
     ]:
         status, _, body = request(hub_env.url, method, path, token=token)
         assert status == 400 and "Invalid repo id" in body["error"], (path, status, body)
-    header = {"key": "header", "value": {"summary": "pwn"}}
-    evil = {"key": "file", "value": {"path": "secret.txt", "content": "owned"}}
-    status, _, body = request(
-        hub_env.url, "POST", f"/api/models/{bad}/commit/main", token=token, body=ndjson(header, evil)
-    )
+    status, body = commit(hub_env.url, bad, token, "pwn", EVIL)
     assert status == 400 and "Invalid repo id" in body["error"]
     status, _, body = request(hub_env.url, "POST", f"/api/models/{bad}/branch/x", token=token, body=b"{}")
     assert status == 400
@@ -110,15 +118,7 @@ def test_cross_user_read_write_and_delete_are_refused(hub_env, bob_secret):
         alice.model_info(bob_private)
     status, _, _ = request(hub_env.url, "GET", f"/{bob_private}/resolve/main/secret.txt", token=hub_env.token)
     assert status == 404
-    header = {"key": "header", "value": {"summary": "pwn"}}
-    evil = {"key": "file", "value": {"path": "secret.txt", "content": "owned"}}
-    status, _, _ = request(
-        hub_env.url,
-        "POST",
-        f"/api/models/{bob_private}/commit/main",
-        token=hub_env.token,
-        body=ndjson(header, evil),
-    )
+    status, _ = commit(hub_env.url, bob_private, hub_env.token, "pwn", EVIL)
     assert status == 404  # private: alice cannot even learn that it exists
     body = json.dumps({"organization": hub_env.other_user, "name": bob_secret}).encode()
     status, _, _ = request(hub_env.url, "DELETE", "/api/repos/delete", token=hub_env.token, body=body)
@@ -145,15 +145,8 @@ def test_cross_user_read_write_and_delete_are_refused(hub_env, bob_secret):
 def test_lfs_object_ids_must_be_sha256(hub_env, oid):
     repo_id = hub_env.new_repo_id("public")
     hub_env.api.create_repo(repo_id)
-    header = {"key": "header", "value": {"summary": "link a host file"}}
     link = {"key": "lfsFile", "value": {"path": "host.txt", "oid": oid, "algo": "sha256"}}
-    status, _, body = request(
-        hub_env.url,
-        "POST",
-        f"/api/models/{repo_id}/commit/main",
-        token=hub_env.token,
-        body=ndjson(header, link),
-    )
+    status, body = commit(hub_env.url, repo_id, hub_env.token, "link a host file", link)
     assert status == 422 and "Invalid LFS object id" in body["error"]
     status, _, _ = request(hub_env.url, "GET", f"/{repo_id}/resolve/main/host.txt")
     assert status == 404
@@ -185,15 +178,8 @@ def test_a_valid_oid_only_names_a_blob_of_the_same_repo(hub_env, tmp_path):
     oid = hashlib.sha256(data).hexdigest()
     alice_repo = hub_env.new_repo_id("steal")
     hub_env.api.create_repo(alice_repo)
-    header = {"key": "header", "value": {"summary": "steal"}}
     link = {"key": "lfsFile", "value": {"path": "w.safetensors", "oid": oid, "algo": "sha256"}}
-    status, _, body = request(
-        hub_env.url,
-        "POST",
-        f"/api/models/{alice_repo}/commit/main",
-        token=hub_env.token,
-        body=ndjson(header, link),
-    )
+    status, body = commit(hub_env.url, alice_repo, hub_env.token, "steal", link)
     assert status == 422 and "was not uploaded to this repo" in body["error"]
 
 
@@ -261,24 +247,18 @@ def test_body_caps_for_authenticated_and_chunked_requests(tmp_path):
             assert response.status == 413
         # Within the caps everything still works, and a wrong-sized LFS upload is refused unread.
         assert api.upload_file(path_or_fileobj=b"small", path_in_repo="s.txt", repo_id="carol/r")
-        status, _, body = request(
-            server.url,
-            "POST",
-            "/carol/r.git/info/lfs/objects/batch",
-            token="tok",
-            body=json.dumps({"operation": "upload", "objects": [{"oid": "a" * 64, "size": 10}]}).encode(),
-        )
+
+        def batch(size: int):
+            objects = [{"oid": "a" * 64, "size": size}]
+            body = json.dumps({"operation": "upload", "objects": objects}).encode()
+            return request(server.url, "POST", "/carol/r.git/info/lfs/objects/batch", token="tok", body=body)
+
+        status, _, body = batch(10)
         assert status == 200
         href = body["objects"][0]["actions"]["upload"]["href"]
         got, _, _ = raw_headers_only(server.url, "PUT", urlsplit(href).path, {"Content-Length": "11"})
         assert got == 413
-        status, _, body = request(
-            server.url,
-            "POST",
-            "/carol/r.git/info/lfs/objects/batch",
-            token="tok",
-            body=json.dumps({"operation": "upload", "objects": [{"oid": "a" * 64, "size": 5000}]}).encode(),
-        )
+        status, _, body = batch(5000)
         assert status == 422 and "size must be an integer" in body["error"]
 
 
