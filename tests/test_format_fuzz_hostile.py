@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from deltahub import ParamDelta, SparseDelta
 from deltahub.format import save_delta
+from deltahub.format.spec import SUFFIXES
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +146,7 @@ def names_in(folder: Path) -> set[str]:
     for delta_files in REFERENCE.values():
         names |= set(delta_files)
     for param in _reference_delta():
-        names |= {repr(param), repr(param + ".indices"), repr(param + ".values"), repr(param + ".dense")}
+        names |= {repr(param)} | {repr(param + suffix) for suffix in SUFFIXES}  # every storage's tensors
     return names
 
 
