@@ -433,5 +433,5 @@ def test_a_hub_base_with_revision(hub_env, setup):
         assert raw(tensors_of(result.out)[name]) == raw(t)
     card = (result.out / "README.md").read_text()
     assert f'base_model: "{repo}"' in card and commit in card
-    with pytest.raises(deltahub.CheckpointError, match="cannot download the model"):
+    with pytest.raises(deltahub.errors.HubRevisionNotFoundError, match=r"cannot download the model .*@no-such-branch"):
         merge(f"{repo}@no-such-branch", paths, out=root / "x", progress=False)
