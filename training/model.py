@@ -16,6 +16,7 @@ import deltahub
 from deltahub import ParamDelta, SparseDelta
 from deltahub.fingerprint import fingerprint_of
 
+from . import sddmm
 from .config import SftConfig
 from .errors import SftConfigError, SftStateError
 from .layer import SftLayerMixin, attach, detach, layer_classes
@@ -139,6 +140,7 @@ def get_sft_model(model: nn.Module, config: SftConfig) -> nn.Module:
         raise TypeError(f"config must be an SftConfig; got {type(config).__name__}")
     targets = find_targets(model, config.target_modules)
     ks = budget(model, targets, config)
+    sddmm.check(next(iter(targets.values())).weight.device)  # a DELTAHUB_SDDMM_KERNEL that cannot run here
     names = {name: f"{name}.weight" for name in targets}
     fingerprint = fingerprint_of({names[n]: m.weight for n, m in targets.items()})
     for p in model.parameters():
