@@ -104,6 +104,8 @@ if Conv1D is not None:
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if not torch.amp.is_autocast_available(device_type):  # e.g. meta: asking would raise
+        return None
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
