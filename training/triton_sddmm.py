@@ -40,7 +40,6 @@ import triton.language as tl
 BLOCK_R = 16  # rows per row block (tl.dot needs >= 16)
 BLOCK_C = 64  # positions per program
 BLOCK_T = 32  # tokens per step
-NUM_WARPS = 4
 # Split the tokens over more programs until there are about this many programs per streaming multiprocessor.
 PROGRAMS_PER_SM = 4
 MIN_TOKENS_PER_SPLIT = 8 * BLOCK_T
@@ -130,6 +129,11 @@ def _sddmm_kernel(
     tl.store(out_ptr + split.to(tl.int64) * k + start + lane, picked, mask=valid)
 
 
+def num_warps(block_r: int) -> int:
+    """Warps per program: the [block_r, BLOCK_C] float32 accumulator needs more threads for taller blocks."""
+    return 4 if block_r <= 32 else 8
+
+
 @functools.cache
 def _compiled(interpret: bool):
     """The kernel, jitted for the current mode: ``triton.jit`` picks the interpreter when TRITON_INTERPRET is
@@ -175,6 +179,6 @@ def sampled_dot(
         n_programs, k, tokens, per_split, blocks.shape[0],
         p.stride(0), p.stride(1), q.stride(0), q.stride(1),
         BLOCK_R=blocks.block_r, BLOCK_C=blocks.block_c, BLOCK_T=block_t, PRECISION=precision,
-        num_warps=NUM_WARPS,
+        num_warps=num_warps(blocks.block_r),
     )  # fmt: skip
     return out[0] if splits == 1 else out.sum(0)
