@@ -96,6 +96,8 @@ def train(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import deltahub
+    from deltahub._atomic import check_output
+    from deltahub.errors import PathNotFoundError
 
     from .config import SftConfig
     from .data import read_texts, token_blocks
@@ -117,8 +119,10 @@ def train(
         values_dtype=values_dtype,
         seed=seed,
     )
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise click.UsageError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    if not Path(base).is_dir():
+        # Checked before transformers sees it: from_pretrained would try it as a Hub id and fail in 40 lines.
+        raise PathNotFoundError(f"no model folder at {base!r}: `base` must be a local folder written by save_pretrained")
+    check_output(out, overwrite=overwrite, keyword="out")
     device = resolve_device(device)
     t0 = time.perf_counter()
     torch.manual_seed(seed)

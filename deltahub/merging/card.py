@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from .. import __version__
 from .._dtypes import dtype_name
+from .._version import __version__
 from .plan import MergePlan
 
 
