@@ -28,6 +28,11 @@ import statistics
 import time
 
 import torch
+from train_step import (  # benchmarks/ is on sys.path when run as a script
+    lora_param_count,
+    prepare,
+    print_reselection_costs,
+)
 
 CONFIGS = ("floor", "sft-rigl", "sft-rigl-triton", "sft-sm3", "lora", "full")
 LLAMA_1B = {
@@ -58,51 +63,14 @@ def build_model(shape: dict, seq: int, device: torch.device, dtype: torch.dtype)
     return model.to(dtype)
 
 
-def lora_param_count(model, r: int = 16) -> int:
-    """LoRA rank r's trainable count on every linear layer but the LM head (peft's "all-linear")."""
-    head = model.get_output_embeddings()
-    return sum(
-        r * (m.in_features + m.out_features)
-        for m in model.modules()
-        if type(m).__name__ == "Linear" and m is not head
-    )
-
-
 class Setup:
     """One configuration: model, optimizer and (for SFT) selector, stepped one update at a time."""
 
     def __init__(self, name: str, args, device: torch.device):
-        from training import SftAdamW, SftConfig, SftSelector, SftSM3, get_sft_model
-
         self.name, self.args, self.device = name, args, device
         model = build_model(args.shape, args.seq, device, args.dtype)
-        lora_count = lora_param_count(model)
-        self.selector = None
-        if name == "floor":
-            for p in model.parameters():
-                p.requires_grad_(False)
-            model.enable_input_require_grads()
-            self.optimizer = None
-        elif name.startswith("sft"):
-            algorithm = name.split("-")[1]
-            model = get_sft_model(
-                model, SftConfig(num_tunable_weights=lora_count, selection_algorithm=algorithm)
-            )
-            params = [p for p in model.parameters() if p.requires_grad]
-            if algorithm == "sm3":
-                self.optimizer = SftSM3(params, model.active_deltas(), lr=0.1)
-            else:
-                self.optimizer = SftAdamW(params, lr=1e-4)
-            self.selector = SftSelector(model, self.optimizer, total_update_steps=1000)
-        elif name == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(
-                model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
-            )
-            self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        else:
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        base_name = name.removesuffix("-triton")  # the same configuration; run_config sets the kernel switch
+        model, self.optimizer, self.selector = prepare(base_name, model, lora_param_count(model))
         self.model = model.train()
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.gen = torch.Generator(device=device).manual_seed(1)
@@ -195,17 +163,7 @@ def report(results: dict, args) -> None:
         print(
             f"{name:16s} {r['trainable']:>13,} {step:>9.4f} {tokens / step:>10,.0f} {vs_lora:>8s} {peak:>10s} {peak_vs:>8s}"
         )
-    for name, r in results.items():
-        if not name.startswith("sft"):
-            continue
-        normal = med(r["times"]["normal"])
-        window = med(r["times"]["window"]) if r["times"]["window"] else normal
-        reselect = med(r["times"]["reselect"]) if r["times"]["reselect"] else 0.0
-        extra = (5 * (window - normal) if "rigl" in name else 0.0) + reselect
-        print(
-            f"{name}: window step {window:.4f} s, reselection {reselect:.4f} s -> amortised reselection cost "
-            f"{extra / (20 * normal):.1%} of training time"
-        )
+    print_reselection_costs(results)
 
 
 def main(argv: list[str] | None = None) -> None:
