@@ -17,6 +17,7 @@ handed to the observer, whatever the switch says.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
@@ -62,6 +63,7 @@ def choice() -> str:
     return value
 
 
+@functools.cache  # asked per layer and backward on CUDA; what is installed does not change in a process
 def triton_unavailable() -> str | None:
     """Why the Triton kernel cannot run here, or None."""
     if importlib.util.find_spec("triton") is None:
