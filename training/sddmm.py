@@ -181,8 +181,21 @@ def _dense_product(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``p^T @ q`` in float32. On CUDA, 16-bit operands go to the tensor cores as they are, with float32
     accumulation and output (upcasting first would make it a float32 GEMM, ~16x slower); elsewhere float32."""
     if p.device.type == "cuda" and p.dtype == q.dtype and p.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(p.t(), q, out_dtype=torch.float32)
+        if _mm_has_out_dtype():
+            return torch.mm(p.t(), q, out_dtype=torch.float32)
+        return (p.t() @ q).to(torch.float32)  # torch < 2.8: float32 accumulation, output rounded to 16 bits
     return p.t().to(torch.float32) @ q.to(torch.float32)
+
+
+@functools.cache
+def _mm_has_out_dtype() -> bool:
+    """Whether this torch has ``torch.mm(..., out_dtype=...)`` (2.8+), asked on shapes only."""
+    meta = torch.empty(2, 2, dtype=torch.bfloat16, device="meta")
+    try:
+        torch.mm(meta, meta, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def _to_slot_order(sampled: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
