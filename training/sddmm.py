@@ -73,11 +73,12 @@ def triton_unavailable() -> str | None:
 
 def interpreter_problem() -> str | None:
     """Why Triton's interpreter cannot run the kernel on CPU tensors, or None."""
-    import triton
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
-    if not triton.knobs.runtime.interpret:
+    from .triton_sddmm import interpreting
+
+    if not interpreting():
         return "needs a CUDA device; on cpu set TRITON_INTERPRET=1 as well (Triton's interpreter: exact but slow)"
     if not isinstance(tl.sum, InterpretedFunction):  # triton.language's own helpers were jitted for a GPU
         return (

@@ -29,6 +29,7 @@ Everything in this module needs ``triton``; import it only after :func:`unavaila
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -141,8 +142,12 @@ def _compiled(interpret: bool):
     return triton.jit(_sddmm_kernel)
 
 
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
+def interpreting() -> bool:
+    """Whether ``triton.jit`` builds interpreter functions now (TRITON_INTERPRET; ``triton.knobs`` from 3.3)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def _default_splits(n_programs: int, tokens: int, device: torch.device) -> int:
@@ -174,7 +179,7 @@ def sampled_dot(
     out = torch.empty((splits, k), dtype=torch.float32, device=p.device)
     sixteen_bit = (torch.bfloat16, torch.float16)
     precision = "tf32" if p.dtype in sixteen_bit and q.dtype in sixteen_bit else "tf32x3"
-    _compiled(_interpreting())[(n_programs, splits)](
+    _compiled(interpreting())[(n_programs, splits)](
         p, q, out, blocks.rows, blocks.cols, blocks.programs,
         n_programs, k, tokens, per_split, blocks.shape[0],
         p.stride(0), p.stride(1), q.stride(0), q.stride(1),
