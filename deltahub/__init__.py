@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .errors import (
+    ArgumentTypeError,
     BaseMismatchError,
     CheckpointError,
     DeltaExistsError,
@@ -22,9 +23,14 @@ from .errors import (
     HubError,
     HubRepoNotFoundError,
     HubRevisionNotFoundError,
+    InvalidArgumentError,
+    InvalidRepoIdError,
+    MergeConfigError,
     MethodOptionError,
+    MissingExtraError,
     NotADeltaError,
     OutOfSpaceError,
+    PathNotFoundError,
     RevertError,
     UnknownMethodError,
 )
@@ -47,6 +53,7 @@ _LAZY = {
     "parse_delta_ref": "hub",
     "pull_delta": "hub",
     "push_delta": "hub",
+    "MergeConfig": "merging",
     "MergePlan": "merging",
     "MergeResult": "merging",
     "merge": "merging",
@@ -67,7 +74,7 @@ if TYPE_CHECKING:
     from .extract import extract_delta
     from .format import load_delta, save_delta
     from .hub import PushResult, load_hub_delta, parse_delta_ref, pull_delta, push_delta
-    from .merging import MergePlan, MergeResult, merge
+    from .merging import MergeConfig, MergePlan, MergeResult, merge
     from .methods import MethodOption, MethodSpec, available_methods, combine, get_method, register_method
     from .overlap import OverlapReport, overlap_report
 
@@ -89,6 +96,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AppliedDeltas",
+    "ArgumentTypeError",
     "BaseMismatchError",
     "Checkpoint",
     "CheckpointError",
@@ -101,15 +109,21 @@ __all__ = [
     "HubError",
     "HubRepoNotFoundError",
     "HubRevisionNotFoundError",
+    "InvalidArgumentError",
+    "InvalidRepoIdError",
+    "MergeConfig",
+    "MergeConfigError",
     "MergePlan",
     "MergeResult",
     "MethodOption",
     "MethodOptionError",
     "MethodSpec",
+    "MissingExtraError",
     "NotADeltaError",
     "OutOfSpaceError",
     "OverlapReport",
     "ParamDelta",
+    "PathNotFoundError",
     "PushResult",
     "RevertError",
     "SparseDelta",

@@ -128,6 +128,11 @@ class OutOfSpaceError(DeltahubError, OSError):
     """The disk holding an output filled up (or would, by the planned output size)."""
 
 
+class OutputNotWritableError(DeltahubError, OSError):
+    """An output cannot be written where it was asked for: a read-only filesystem, a file-size limit, or no
+    permission. Nothing is left behind."""
+
+
 class MissingExtraError(DeltahubError, ImportError):
     """An optional dependency (an extra such as ``deltahub[plot]``) is not installed; the message says what
     to install."""

@@ -46,6 +46,7 @@ from .spec import (
     VALUES,
     version_problem,
 )
+from .untrusted import open_regular, preview, read_capped, regular_file
 
 if TYPE_CHECKING:
     from ..delta import SparseDelta
@@ -63,11 +64,12 @@ def _fail(source: str, problems: list[str]) -> DeltaFormatError:
 
 def _read_json(path: Path, label: str, problems: list[str]) -> Any:
     try:
-        # The same ceiling as a safetensors header: reading a stranger's file must not exhaust memory.
-        if path.stat().st_size > MAX_HEADER_SIZE:
+        # The same ceiling as a safetensors header, counted in bytes actually read (a device's size says 0).
+        data = read_capped(path, MAX_HEADER_SIZE)
+        if data is None:
             problems.append(f"{label}: larger than {MAX_HEADER_SIZE} bytes; this is not a delta's JSON file")
             return None
-        return parse_json(path.read_bytes())
+        return parse_json(data)
     except OSError as e:
         problems.append(f"{label}: cannot be read ({e.strerror or e})")
     except (ValueError, RecursionError) as e:
@@ -207,8 +209,8 @@ class _File:
     def __init__(self, path: Path, header: Header, label: str):
         self.label = label
         self.header = header
-        self._fd = os.open(path, os.O_RDONLY)
-        self._data_start = 8 + int.from_bytes(os.pread(self._fd, 8, 0), "little")
+        self._fd = open_regular(path)  # not os.open alone: a FIFO swapped in since the header was read blocks
+        self._data_start = header.data_start
 
     def read(self, key: str) -> np.ndarray | str:
         """The tensor as a 1-D numpy array (reshape with :meth:`shape`), or why it could not be read."""
@@ -493,7 +495,7 @@ def _check_totals(cfg: DeltaConfig, params: dict[str, RawParam], problems: list[
     for key, actual in (("nnz", nnz), ("numel", numel)):
         if key in cfg.totals and cfg.totals[key] != actual:
             problems.append(
-                f"{cfg.where}: total {key} is {cfg.totals[key]} but the parameters add up to {actual}"
+                f"{cfg.where}: total {key} is {preview(cfg.totals[key], 40)} but the parameters add up to {actual}"
             )
     density = nnz / numel if numel else 0.0
     if "density" in cfg.totals and not math.isclose(
@@ -509,27 +511,38 @@ def _check_totals(cfg: DeltaConfig, params: dict[str, RawParam], problems: list[
             )
 
 
+def _present(path: Path) -> bool:
+    """Whether anything is at ``path``, a dangling link included (it is reported as such, not as missing)."""
+    return path.exists() or path.is_symlink()
+
+
 def _load_folder(folder: Path, source: str) -> RawDelta:
     problems: list[str] = []
-    if not (folder / CONFIG_FILE).is_file():
+    if not _present(folder / CONFIG_FILE):
         raise _fail(
             source, [f"{CONFIG_FILE} is missing; a delta folder needs it (or load one .safetensors file)"]
         )
-    obj = _read_json(folder / CONFIG_FILE, CONFIG_FILE, problems)
-    if problems:
-        raise _fail(source, problems)
+    config_path, bad = regular_file(folder / CONFIG_FILE, CONFIG_FILE, folder)
+    obj = None if bad else _read_json(config_path, CONFIG_FILE, problems)
+    if bad or problems:
+        raise _fail(source, [bad] if bad else problems)
     _check_version(obj, CONFIG_FILE, source)
     cfg = parse_config(obj, CONFIG_FILE, problems)
 
     weight_map, total_size = None, None
-    has_index, has_single = (folder / INDEX_FILE).exists(), (folder / SINGLE_FILE).exists()
+    has_index, has_single = _present(folder / INDEX_FILE), _present(folder / SINGLE_FILE)
     if has_index and has_single:
         problems.append(f"both {SINGLE_FILE} and {INDEX_FILE} exist; remove the stale one (or {RESAVE})")
         files: list[str] = []
     elif has_index:
-        files, weight_map, total_size = _shard_names(
-            _read_json(folder / INDEX_FILE, INDEX_FILE, problems), problems
-        )
+        index_path, bad = regular_file(folder / INDEX_FILE, INDEX_FILE, folder)
+        if bad:
+            problems.append(bad)
+            files = []
+        else:
+            files, weight_map, total_size = _shard_names(
+                _read_json(index_path, INDEX_FILE, problems), problems
+            )
     elif has_single:
         files = [SINGLE_FILE]
     else:
@@ -538,11 +551,14 @@ def _load_folder(folder: Path, source: str) -> RawDelta:
 
     headers: dict[str, tuple[Path, Header]] = {}
     for label in files:
-        path = folder / label
-        if not path.is_file():
+        if not _present(folder / label):
             problems.append(
                 f"{label}: listed in {INDEX_FILE} but missing from the folder; re-download the delta"
             )
+            continue
+        path, bad = regular_file(folder / label, label, folder)
+        if bad:
+            problems.append(bad)
             continue
         header, bad = read_header(path, label)
         problems.extend(bad)
@@ -550,11 +566,12 @@ def _load_folder(folder: Path, source: str) -> RawDelta:
             _header_agrees(header, label, obj, problems)
             headers[label] = (path, header)
     unread = set(files) - set(headers)
+    if has_index and weight_map is None:  # the index itself is reported: its parameters are not "missing" too
+        unread.add(INDEX_FILE)
     return _assemble(source, cfg, headers, weight_map, total_size, problems, unread)
 
 
-def _load_file(path: Path, source: str) -> RawDelta:
-    label = path.name
+def _load_file(path: Path, source: str, label: str) -> RawDelta:
     header, problems = read_header(path, label)
     if header is None:
         raise _fail(source, problems)
@@ -586,9 +603,13 @@ def read_delta(path: str | os.PathLike[str]) -> RawDelta:
     p = Path(source)
     if p.is_dir():
         return _load_folder(p, source)
-    if p.is_file():
-        return _load_file(p, source)
-    raise FileNotFoundError(f"no delta at {source}: expected a delta folder or a .safetensors file")
+    if not _present(p):
+        raise FileNotFoundError(f"no delta at {source}: expected a delta folder or a .safetensors file")
+    # The path was named by the caller, so a link anywhere is fine; it must end at a regular file.
+    real, bad = regular_file(p, p.name)
+    if bad:
+        raise _fail(source, [bad])
+    return _load_file(real, source, p.name)
 
 
 def load_delta(path: str | os.PathLike[str]) -> SparseDelta:
