@@ -11,10 +11,12 @@ __version__ = "0.1.0"
 
 from .apply import AppliedDeltas, apply_deltas, load_model
 from .checkpoint import Checkpoint, as_tensor_source
+from .convert import convert_adapter
 from .delta import ParamDelta, SparseDelta
 from .errors import (
     BaseMismatchError,
     CheckpointError,
+    ConversionError,
     DeltaExistsError,
     DeltaFormatError,
     DeltahubError,
@@ -28,11 +30,13 @@ from .errors import (
     NotADeltaError,
     OutOfSpaceError,
     RevertError,
+    UnconvertedAdapterError,
     UnknownMethodError,
 )
 from .extract import extract_delta
-from .format import load_delta, save_delta
-from .hub import PushResult, load_hub_delta, parse_delta_ref, pull_delta, push_delta
+from .format import save_delta
+from .hub import PushResult, parse_delta_ref, pull_delta, push_delta
+from .loading import load_delta
 from .merging import MergePlan, MergeResult, merge
 from .methods import MethodOption, MethodSpec, available_methods, combine, get_method, register_method
 from .overlap import OverlapReport, overlap_report
@@ -42,6 +46,7 @@ __all__ = [
     "BaseMismatchError",
     "Checkpoint",
     "CheckpointError",
+    "ConversionError",
     "DeltaExistsError",
     "DeltaFormatError",
     "DeltahubError",
@@ -63,16 +68,17 @@ __all__ = [
     "PushResult",
     "RevertError",
     "SparseDelta",
+    "UnconvertedAdapterError",
     "UnknownMethodError",
     "__version__",
     "apply_deltas",
     "as_tensor_source",
     "available_methods",
     "combine",
+    "convert_adapter",
     "extract_delta",
     "get_method",
     "load_delta",
-    "load_hub_delta",
     "load_model",
     "merge",
     "overlap_report",

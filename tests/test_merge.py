@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from tiny import random_delta, tiny_gpt2, tiny_llama, tokens
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
@@ -152,7 +153,9 @@ def test_output_loads_with_plain_transformers_and_matches_load_model(setup, meth
     torch_dtype = {None: torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.dtype == torch_dtype
-    composed = deltahub.load_model(base, paths, weights, method, method_options=options, dtype=torch_dtype)
+    composed = deltahub.load_model(
+        base, paths, weights=weights, method=method, method_options=options, dtype=torch_dtype
+    )
     plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
     x = tokens()
     with torch.no_grad():
@@ -423,6 +426,7 @@ def test_a_hub_base_with_revision(hub_env, setup):
     for name, t in tensors_of(local.out).items():
         assert raw(tensors_of(result.out)[name]) == raw(t)
     card = (result.out / "README.md").read_text()
-    assert f'base_model: "{repo}"' in card and commit in card
+    data = ModelCard(card).data
+    assert data.base_model == [repo] and data.base_model_relation == "merge" and commit in card
     with pytest.raises(deltahub.CheckpointError, match="cannot download the model"):
         merge(f"{repo}@no-such-branch", paths, out=root / "x", progress=False)

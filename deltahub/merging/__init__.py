@@ -39,15 +39,14 @@ from typing import Any
 import torch
 
 from .._dtypes import VALUE_DTYPES, parse_dtype
-from ..apply import check_base
+from ..apply import check_base, recorded_base
 from ..checkpoint import INDEX_NAME
 from ..delta import SparseDelta, common_base
 from ..errors import BaseMismatchError, DeltaExistsError, OutOfSpaceError
 from ..format.spec import parse_size
 from ..format.writer import install_folder, is_occupied
-from ..methods import resolve_options
-from ..overlap import overlap_report
-from ..sources import DeltaSource, describe, resolve_deltas
+from ..inputs import DeltaSource, describe, validate_inputs
+from ..overlap import overlap_inputs
 from .base import MARKER, BaseFiles, resolve_model
 from .card import model_card
 from .plan import DeltaInfo, MergePlan, MergeResult, shard_layout
@@ -60,28 +59,29 @@ __all__ = ["MergePlan", "MergeResult", "OutOfSpaceError", "merge", "model_card",
 
 
 def merge(
-    base: str | os.PathLike,
-    deltas: DeltaSource | Sequence[DeltaSource],
+    base: str | os.PathLike | None = None,
+    deltas: DeltaSource | Sequence[DeltaSource] = (),
     *,
     out: str | os.PathLike,
     weights: Sequence[float] | None = None,
     method: str = "sum",
     method_options: Mapping[str, Any] | None = None,
+    force: bool = False,
     dtype: str | torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
-    force: bool = False,
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool = True,
 ) -> MergeResult:
     """Merge sparse deltas into a base checkpoint and write a standard transformers model folder, streaming.
 
-    The result equals ``load_model(base, deltas, weights, method, dtype=dtype)`` weight for weight (same
+    The result equals ``load_model(base, deltas, weights=..., method=..., dtype=dtype)`` weight for weight (same
     float32 arithmetic, rounded once), so plain ``AutoModelForCausalLM.from_pretrained(out)`` gives the same
     logits. Tensors no delta touches are copied byte for byte.
 
     Args:
-        base: a local model folder (safetensors) or a Hub id ``org/name[@revision]``.
+        base: a local model folder (safetensors) or a Hub id ``org/name[@revision]``; None: the base the deltas
+            record (its id and revision), checked against their fingerprints like any other.
         deltas: delta folders, files, Hub ids (``org/name@revision``) or SparseDelta objects.
         out: the folder to create (refused if it exists and is not empty, unless ``overwrite``).
         weights: one per delta (default 1.0); negative subtracts.
@@ -89,7 +89,8 @@ def merge(
         dtype: output dtype of floating tensors (float32, bfloat16, float16); default: the base's. The base is
             cast first and the deltas added in that dtype, as ``load_model(..., dtype=...)`` does.
         max_shard_size: bytes per output file, an int or a string like ``"5GB"`` or ``"2GiB"``.
-        force: skip the base fingerprint check (names and shapes are always checked).
+        force: skip the base fingerprint checks, between the deltas and against the base (names and shapes are
+            always checked).
         overwrite: replace an existing ``out`` (swapped in only once the new folder is complete).
         dry_run: validate and plan, write nothing; the result's ``out`` is None.
         progress: show a progress bar (hidden anyway when not writing to a terminal).
@@ -105,7 +106,6 @@ def merge(
         >>> merge("meta-llama/Llama-3.2-1B@main", ["./math-delta", "./code-delta"], weights=[1.0, 0.5],
         ...       out="./llama-math-code", dtype="bfloat16")
     """
-    options = resolve_options(method, method_options or {})
     out_dtype = parse_dtype(dtype, allowed=VALUE_DTYPES, what="dtype") if dtype is not None else None
     max_bytes = parse_size(max_shard_size)
     out = Path(out)
@@ -113,10 +113,15 @@ def merge(
         raise ValueError(f"--out needs a folder path with a name; got {os.fspath(out)!r}")
     if is_occupied(out) and not overwrite:
         raise DeltaExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
-    delta_list, weight_list = resolve_deltas(deltas, weights)
-    if not delta_list:
-        raise ValueError("merge needs at least one delta")
-    common_base(delta_list)
+    inputs = validate_inputs(
+        deltas, weights=weights, method=method, method_options=method_options, force=force
+    )
+    delta_list, weight_list, options = list(inputs.deltas), list(inputs.weights), dict(inputs.options)
+    method = inputs.method
+    shared = common_base(delta_list, force=force)
+    if base is None:
+        name, revision = recorded_base(delta_list)
+        base = name if revision is None or os.path.exists(name) else f"{name}@{revision}"
     base_folder, base_id, base_revision = resolve_model(base)
     base_files = BaseFiles(base_folder)
     try:
@@ -146,7 +151,7 @@ def merge(
         )
         if dry_run:
             if len(delta_list) > 1:
-                plan.overlap = overlap_report(delta_list, weight_list)
+                plan.overlap = overlap_inputs(inputs)
             return MergeResult(plan, None)
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale(out)
@@ -159,7 +164,10 @@ def merge(
             if len(shards) > 1:
                 (tmp / INDEX_NAME).write_text(json.dumps(index(plan), indent=2) + "\n", encoding="utf-8")
             copy_extras(base_folder, tmp, plan, base_files.config)
-            (tmp / "README.md").write_text(model_card(plan), encoding="utf-8")
+            card = model_card(plan, hub_base=_hub_base(base_id, base_revision, shared, force), hub_deltas=[
+                d.origin["repo_id"] for d in delta_list if d.origin.get("repo_id")
+            ])  # fmt: skip
+            (tmp / "README.md").write_text(card, encoding="utf-8")
             (tmp / MARKER).unlink()
             install_folder(tmp, out, overwrite)
         except OSError as err:
@@ -173,6 +181,17 @@ def merge(
     finally:
         base_files.close()
     return MergeResult(plan, out, nnz)
+
+
+def _hub_base(base_id: str, base_revision: str | None, shared: Mapping[str, Any], force: bool) -> str | None:
+    """The base's Hub id for the card: its own when it came from the Hub (or its cache), else the one the deltas
+    record, which the fingerprint check just confirmed (not under ``force``). None when neither is known."""
+    from ..identity import is_hub_id
+
+    if base_revision is not None and is_hub_id(base_id):
+        return base_id
+    recorded = shared.get("base_model")
+    return recorded if not force and is_hub_id(recorded) else None
 
 
 def _check_out(out: Path, base_folder: Path) -> None:
