@@ -18,6 +18,15 @@ def _bulleted(problems: Iterable[str]) -> str:
     return "\n".join(f"  - {p}" for p in problems)
 
 
+class InvalidArgumentError(DeltahubError, ValueError):
+    """An argument has a value the function cannot take (a bad size, dtype, weight, path...); the message names
+    the keyword argument, the value and the expected form."""
+
+
+class InvalidRepoIdError(InvalidArgumentError):
+    """A Hub repo id or ``org/name@revision`` reference that breaks the Hub's naming rules."""
+
+
 class DeltaFormatError(DeltahubError, ValueError):
     """A delta file or folder breaks the format contract (see ``docs/format.md``).
 
@@ -115,3 +124,8 @@ class UnconvertedAdapterError(DeltahubError, ValueError):
 class ConversionError(DeltahubError, ValueError):
     """An adapter cannot be converted into a delta (an unsupported layout, a pickle that is not weights-only,
     parts that replace weights rather than add to them, a base that does not fit)."""
+
+
+class MissingExtraError(DeltahubError, ImportError):
+    """An optional dependency (an extra such as ``deltahub[plot]``) is not installed; the message says what
+    to install."""

@@ -177,7 +177,7 @@ def test_inspect_plot_without_matplotlib_is_a_clear_error(setup, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     result = CliRunner().invoke(main, ["inspect", str(paths[0]), "--plot", str(root / "x.png")])
     assert result.exit_code == 1
-    assert "--plot needs matplotlib: pip install 'deltahub[plot]'" in result.output
+    assert "error: plotting needs matplotlib: pip install 'deltahub[plot]'" in result.output
     assert not (root / "x.png").exists()
 
 

@@ -1,4 +1,4 @@
-"""push_delta / pull_delta / Hub references, against the loopback Hub (deltahub.localhub) through the real
+"""push_delta / pull_delta / Hub references, against the loopback Hub (deltahub.demo.localhub) through the real
 huggingface_hub client over HTTP: nothing in huggingface_hub is patched beyond the endpoint constants that the
 ``hub_env`` fixture points at the server (as HF_ENDPOINT would)."""
 

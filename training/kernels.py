@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from deltahub.assets import cache_dir
+from deltahub.cache import cache_dir
 
 SOURCE = Path(__file__).with_name("csrc") / "sddmm.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")

@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
-import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -221,131 +218,6 @@ def merge(
 # inspect
 
 
-def _value_stats(values: Any) -> dict[str, float | None]:
-    import torch
-
-    if values.numel() == 0:
-        return dict.fromkeys(("min", "max", "mean", "std", "mean_abs"))
-    v = values.to(torch.float32)
-    return {
-        "min": float(v.min()),
-        "max": float(v.max()),
-        "mean": float(v.mean()),
-        "std": float(v.std(unbiased=False)),
-        "mean_abs": float(v.abs().mean()),
-    }
-
-
-def delta_summary(delta: Any, source: str) -> dict[str, Any]:
-    """Per-parameter nnz, density and value statistics of one delta, with its base and provenance (JSON-able)."""
-    from .._dtypes import dtype_name
-
-    vd = delta.values_dtype
-    return {
-        "source": source,
-        "base_model": delta.base_model,
-        "base_revision": delta.base_revision,
-        "origin": dict(delta.origin),
-        "provenance": delta.provenance,
-        "params_count": len(delta),
-        "nnz": delta.nnz,
-        "numel": delta.numel,
-        "density": delta.density,
-        "values_dtype": dtype_name(vd) if vd else "mixed",
-        "params": {
-            name: {
-                "shape": list(p.shape),
-                "dtype": dtype_name(p.dtype),
-                "nnz": p.nnz,
-                "numel": p.numel,
-                "density": p.density,
-                **_value_stats(p.values),
-            }
-            for name, p in delta.items()
-        },
-    }
-
-
-_LAYER = re.compile(r"^(?:.*?\.)?(?:layers|h|blocks|layer)\.(\d+)\.(.+?)(?:\.weight|\.bias)?$")
-
-
-def _layer_and_module(name: str) -> tuple[int, str] | None:
-    match = _LAYER.match(name)
-    return (int(match.group(1)), match.group(2)) if match else None
-
-
-def _grid(values: dict[str, float]) -> tuple[list[str], int, list[list[float]]]:
-    cells: dict[tuple[str, int], float] = {}
-    for name, value in values.items():
-        where = _layer_and_module(name)
-        if where:
-            cells[(where[1], where[0])] = value
-    modules = sorted({m for m, _ in cells})
-    layers = 1 + max((layer for _, layer in cells), default=-1)
-    return modules, layers, [[cells.get((m, i), math.nan) for i in range(layers)] for m in modules]
-
-
-def plot_summary(summaries: Sequence[dict[str, Any]], overlap: dict[str, Any] | None, path: Path) -> None:
-    """Heatmaps of density per layer and module type, one per delta, plus the overlap fraction for 2+ deltas."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise click.ClickException(
-            "--plot needs matplotlib: pip install 'deltahub[plot]' (or pip install matplotlib)"
-        ) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [
-        (f"density: {s['source']}", {n: p["density"] for n, p in s["params"].items()}) for s in summaries
-    ]
-    if overlap:
-        panels.append(
-            (
-                "overlap (positions in 2+ deltas / numel)",
-                {n: p["overlap"] / p["numel"] for n, p in overlap["params"].items()},
-            )
-        )
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.5 + 2.2 * len(panels)), squeeze=False)
-    for ax, (title, values) in zip(axes[:, 0], panels, strict=True):
-        modules, _, grid = _grid(values)
-        if not modules:
-            ax.text(0.5, 0.5, "no per-layer parameters", ha="center", va="center")
-            ax.set_axis_off()
-            continue
-        image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set_yticks(range(len(modules)), modules, fontsize=7)
-        ax.set_xlabel("layer")
-        ax.set_title(title, fontsize=9)
-        fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _print_summary(s: dict[str, Any]) -> None:
-    click.echo(
-        f"{s['source']}: {s['params_count']} parameters, nnz {s['nnz']:,} of {s['numel']:,} "
-        f"(density {s['density']:.4g}), values {s['values_dtype']}, base {s['base_model'] or '?'}"
-        + (f" @ {s['base_revision']}" if s["base_revision"] else "")
-    )
-    if s["provenance"]:
-        click.echo(f"  provenance: {json.dumps(s['provenance'], default=str)}")
-    rows = [("parameter", "shape", "nnz", "density", "min", "max", "mean|v|")]
-    for name, p in s["params"].items():
-        fmt = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
-        rows.append((name, "x".join(map(str, p["shape"])), f"{p['nnz']:,}", f"{p['density']:.4g}",
-                     fmt(p["min"]), fmt(p["max"]), fmt(p["mean_abs"])))  # fmt: skip
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    for row in rows:
-        click.echo(
-            "  "
-            + "  ".join(
-                [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
-            )
-        )
-
-
 @click.command()
 @click.argument("deltas", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
@@ -368,23 +240,28 @@ def inspect(deltas: tuple[str, ...], as_json: bool, plot: Path | None) -> None:
     """
     from ..inputs import validate_inputs
     from ..overlap import overlap_inputs
+    from ..report import delta_summary, plot_summary, summary_lines
 
     inputs = validate_inputs(list(deltas))
     summaries = [delta_summary(d, src) for d, src in zip(inputs.deltas, deltas, strict=True)]
     report = overlap_inputs(inputs) if len(inputs.deltas) > 1 else None
-    if plot is not None:
-        plot_summary(summaries, report.to_dict() if report else None, plot)
+    plotted = plot_summary(summaries, report.to_dict() if report else None, plot) if plot is not None else None
     if as_json:
         click.echo(
             json.dumps({"deltas": summaries, "overlap": report.to_dict() if report else None}, indent=2)
         )
         return
     for s in summaries:
-        _print_summary(s)
+        for line in summary_lines(s):
+            click.echo(line)
     if report is not None:
         click.echo(str(report))
-    if plot is not None:
-        click.echo(f"plot written to {plot}")
+    if plotted is not None:
+        click.echo(f"plot written to {plotted.path}")
+        if plotted.left_out:
+            click.echo(
+                f"  not in the plot (outside the repeated layers): {', '.join(plotted.left_out)}"
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ repo is a 404 RepoNotFound for anyone but its namespace's user / org members; wr
 namespace (401 without a token, 403 with another one). Tokens are never stored, and logs hold only request lines
 and error messages.
 
-Standalone: ``python -m deltahub.localhub --port 8765 --root /tmp/hub --token hf_xxx:alice [--org acme:alice]``
+Standalone: ``python -m deltahub.demo.localhub --port 8765 --root /tmp/hub --token hf_xxx:alice [--org acme:alice]``
 (``--port 0`` picks a free port; the URL is the first line on stdout).
 """
 

