@@ -39,6 +39,12 @@ import click
 )
 @click.option("--dtype", default=None, help="Load the base in this dtype (default: as saved).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--base-model",
+    metavar="ID[@REV]",
+    help="The base's Hub id (and revision) to record in the delta, e.g. when BASE is a local copy of it "
+    "(default: BASE itself when it is a Hub id or a folder in the HF cache).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing delta folder at --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(
@@ -63,10 +69,11 @@ def train(
     text_field,
     dtype,
     seed,
+    base_model,
     overwrite,
     quiet,
 ):
-    """Train a sparse delta of BASE (a local model folder) on DATASET (.txt or .jsonl) and save it to --out.
+    """Train a sparse delta of BASE (a model folder or Hub id) on DATASET (.txt or .jsonl) and save it to --out.
 
     The last tenth of the token blocks is held out to report the loss before and after.
 
@@ -74,6 +81,7 @@ def train(
     Examples:
       deltahub train ./smollm2 plays.txt --out ./shakespeare-delta --density 0.01 --steps 200
       deltahub train ./base data.jsonl --out ./d --algorithm sm3 --num-tunable-weights 1000000 --lr 0.1
+      deltahub train ./llama-copy data.txt --out ./d --base-model meta-llama/Llama-3.2-1B@main
     """
     import torch
     from tqdm.auto import tqdm
@@ -101,6 +109,10 @@ def train(
         values_dtype=values_dtype,
         seed=seed,
     )
+    if base_model is not None:
+        from deltahub.identity import parse_model_id
+
+        parse_model_id(base_model)  # a bad id fails before any training
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise click.UsageError(f"{out} already exists and is not empty; pass --overwrite to replace it")
     t0 = time.perf_counter()
@@ -145,7 +157,7 @@ def train(
         if math.isfinite(loss.item()):
             bar.set_postfix(loss=f"{loss.item():.3f}")
     after = held_out_loss()
-    delta = model.to_delta()
+    delta = model.to_delta(base_model=base_model)
     if delta.base_model in (None, ""):
         delta.base_model = str(base)
     deltahub.save_delta(delta, out, overwrite=overwrite)

@@ -173,10 +173,18 @@ def active_deltas(model: nn.Module) -> dict[str, ActiveDelta]:
     return {name: ActiveDelta(name, layer) for name, layer in prepared_layers(model).items()}
 
 
-def to_delta(model: nn.Module) -> SparseDelta:
+def to_delta(model: nn.Module, *, base_model: str | None = None) -> SparseDelta:
     """What the model learned, as a ``deltahub.SparseDelta`` (positions sorted, values in ``values_dtype``)
     with the base's identity and fingerprint and the training provenance. ``deltahub.apply_deltas`` on a fresh
-    copy of the base reproduces this model exactly."""
+    copy of the base reproduces this model exactly.
+
+    Args:
+        base_model: the base's Hub id ``"org/name[@rev]"`` to record. Default: what ``from_pretrained`` was
+            given (a Hub id with its commit; a folder in the HF cache becomes its repo id and commit; another
+            folder is recorded as its path, which ``push_delta`` leaves out of what it uploads).
+    """
+    from deltahub.identity import model_identity, parse_model_id
+
     model = getattr(model, "module", model)
     config: SftConfig = model.sft_config
     params = {}
@@ -187,10 +195,17 @@ def to_delta(model: nn.Module) -> SparseDelta:
             layer.sft_indices[order].cpu(), values, tuple(layer.weight.shape), layer.weight.dtype
         )
     hf_config = getattr(model, "config", None)
+    if base_model is not None:
+        base_id, base_revision = parse_model_id(base_model)
+    else:
+        base_id, base_revision = model_identity(
+            getattr(hf_config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None,
+            getattr(hf_config, "_commit_hash", None),
+        )
     return SparseDelta(
         params,
-        base_model=getattr(hf_config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None,
-        base_revision=getattr(hf_config, "_commit_hash", None),
+        base_model=base_id,
+        base_revision=base_revision,
         fingerprint=model.sft_fingerprint,
         provenance={
             "method": "sft",

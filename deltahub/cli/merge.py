@@ -245,7 +245,9 @@ def inspect(deltas: tuple[str, ...], as_json: bool, plot: Path | None) -> None:
     inputs = validate_inputs(list(deltas))
     summaries = [delta_summary(d, src) for d, src in zip(inputs.deltas, deltas, strict=True)]
     report = overlap_inputs(inputs) if len(inputs.deltas) > 1 else None
-    plotted = plot_summary(summaries, report.to_dict() if report else None, plot) if plot is not None else None
+    plotted = (
+        plot_summary(summaries, report.to_dict() if report else None, plot) if plot is not None else None
+    )
     if as_json:
         click.echo(
             json.dumps({"deltas": summaries, "overlap": report.to_dict() if report else None}, indent=2)
@@ -259,9 +261,7 @@ def inspect(deltas: tuple[str, ...], as_json: bool, plot: Path | None) -> None:
     if plotted is not None:
         click.echo(f"plot written to {plotted.path}")
         if plotted.left_out:
-            click.echo(
-                f"  not in the plot (outside the repeated layers): {', '.join(plotted.left_out)}"
-            )
+            click.echo(f"  not in the plot (outside the repeated layers): {', '.join(plotted.left_out)}")
 
 
 # --------------------------------------------------------------------------------------------------------------
