@@ -6,7 +6,7 @@ import hashlib
 import math
 import re
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +43,11 @@ class ActiveDelta:
     @property
     def k(self) -> int:
         return self.module.sft_indices.numel()
+
+    @property
+    def dense_numel(self) -> int:
+        """Elements of the whole weight (the SFT fork's name)."""
+        return self.module.weight.numel()
 
 
 def _linear_like(model: nn.Module) -> dict[str, nn.Module]:
@@ -125,7 +130,7 @@ def get_sft_model(model: nn.Module, config: SftConfig) -> nn.Module:
     Every parameter is frozen; each targeted linear layer gets ``k_W`` trainable values (zero, so the model is
     unchanged) at uniformly random positions. The model still trains, evaluates, generates and saves like
     itself: its weights hold base + values, so ``save_pretrained`` writes the fine-tuned model. It gains:
-    ``model.sft_config``, ``model.active_deltas()``, ``model.to_delta()``, ``model.sft_state_dict()`` and
+    ``model.sft_config``, ``model.active_deltas()`` (and ``model.active_deltas_by_name()``), ``model.to_delta()``, ``model.sft_state_dict()`` and
     ``model.load_sft_state_dict(state)``.
 
     Example:
@@ -168,9 +173,17 @@ def prepared_layers(model: nn.Module) -> dict[str, SftLayerMixin]:
     return layers
 
 
-def active_deltas(model: nn.Module) -> dict[str, ActiveDelta]:
+def active_deltas_by_name(model: nn.Module) -> dict[str, ActiveDelta]:
     """``{weight name: ActiveDelta}``: live views of the trainable positions and values."""
     return {name: ActiveDelta(name, layer) for name, layer in prepared_layers(model).items()}
+
+
+def active_deltas(model: nn.Module) -> Iterator[tuple[str, str, ActiveDelta]]:
+    """``(module name, weight name, ActiveDelta)`` for every tuned weight, as the SFT fork iterates them, so its
+    ``{delta.values: delta for _1, _2, delta in model.active_deltas()}`` works unchanged. The mapping view is
+    :func:`active_deltas_by_name`."""
+    for name, delta in active_deltas_by_name(model).items():
+        yield name.removesuffix(".weight"), name, delta
 
 
 def to_delta(model: nn.Module, *, base_model: str | None = None) -> SparseDelta:
@@ -262,4 +275,4 @@ def unwrap_sft_model(model: nn.Module, *, merge: bool = True) -> nn.Module:
     return model
 
 
-_BOUND: Iterable = (active_deltas, to_delta, sft_state_dict, load_sft_state_dict)
+_BOUND: Iterable = (active_deltas, active_deltas_by_name, to_delta, sft_state_dict, load_sft_state_dict)
