@@ -29,7 +29,7 @@ def load_weights_only(path: Path, safe_globals: Iterable[Any] = ()) -> Any:
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        match = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        match = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(err))
         why = f"it needs {match.group(1)}, which is code, not data" if match else str(err).splitlines()[0]
         raise ConversionError(f"{path} is not a weights-only pickle ({why}); {_RESAVE}") from None
     except (OSError, RuntimeError, EOFError, ValueError) as err:
