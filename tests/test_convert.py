@@ -261,7 +261,7 @@ def test_lora_variants_that_are_not_additive_are_refused(tmp_path, base):
     lora_adapter(tmp_path / "ok", base)
     with pytest.raises(ValueError, match="give exactly one of density"):
         convert_adapter(tmp_path / "ok")
-    with pytest.raises(UnconvertedAdapterError, match="a peft LoRA adapter.*deltahub convert"):
+    with pytest.raises(UnconvertedAdapterError, match=r"a peft LoRA adapter.*deltahub convert"):
         load_delta(tmp_path / "ok")
 
 
