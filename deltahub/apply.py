@@ -15,8 +15,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ._tensors import check_tied, storage_key, tied_groups
 from .delta import ParamDelta, SparseDelta, common_base
-from .errors import BaseMismatchError, RevertError
+from .errors import ArgumentTypeError, BaseMismatchError, InvalidArgumentError, PathNotFoundError, RevertError
 from .fingerprint import samples_match, tensor_samples
 from .inputs import DeltaInputs, DeltaSource, describe, validate_inputs
 from .methods import combine_inputs
@@ -32,12 +33,7 @@ def _target_tensors(target: nn.Module | Mapping[str, torch.Tensor]) -> dict[str,
         return {k: v.data if isinstance(v, nn.Parameter) else v for k, v in named.items()}
     if isinstance(target, Mapping):
         return dict(target)
-    raise TypeError(f"apply_deltas needs an nn.Module or a state dict; got {type(target).__name__}")
-
-
-def _identity(t: torch.Tensor) -> tuple:
-    """Two names with equal identities are one tensor (tied weights): the delta is applied to it once."""
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+    raise ArgumentTypeError(f"apply_deltas needs an nn.Module or a state dict; got {type(target).__name__}")
 
 
 def _prefix_hint(missing: list[str], available: Sequence[str]) -> str:
@@ -310,19 +306,12 @@ def apply_inputs(
     combined = combine_inputs(inputs)
 
     # Tied parameters: several names, one tensor. Apply once; two different deltas for one tensor is an error.
-    by_tensor: dict[tuple, str] = {}
-    for name in combined:
-        key = _identity(tensors[name])
-        first = by_tensor.setdefault(key, name)
-        if first != name and not combined[first].equal(combined[name]):
-            raise BaseMismatchError(
-                f"{first} and {name} are one tied tensor in this model but the deltas change them differently; "
-                "keep one of the two names in the delta"
-            )
+    groups = tied_groups((name, tensors[name]) for name in combined)
+    check_tied(groups, combined.__getitem__)
     saved: dict[str, _Saved] = {}
     with torch.no_grad():
-        for name in by_tensor.values():
-            saved[name] = add_in_place(tensors[name], combined[name])
+        for names in groups:
+            saved[names[0]] = add_in_place(tensors[names[0]], combined[names[0]])
     return AppliedDeltas(delta_list, weight_list, inputs.method, dict(inputs.options), combined, saved)
 
 
@@ -333,10 +322,10 @@ def _own_touched_weights(model: nn.Module, names: set[str]) -> None:
     file: scattered writes then fault one page at a time, about 5x slower than copying each touched tensor once
     (measured in benchmarks/compose.py). Only safe here, where nobody else holds references to these tensors.
     """
-    copies: dict[tuple, torch.Tensor] = {}
+    copies: dict[object, torch.Tensor] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         if name in names and param.device.type == "cpu":
-            key = _identity(param.data)
+            key = storage_key(param.data) or ("alone", name)
             if key not in copies:
                 copies[key] = param.data.clone()
             param.data = copies[key]
@@ -375,7 +364,7 @@ def load_model(
     if base is None:
         base, revision = recorded_base(inputs.deltas)
         if revision is not None and from_pretrained_kwargs.setdefault("revision", revision) != revision:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"revision={from_pretrained_kwargs['revision']!r} conflicts with the revision {revision!r} "
                 f"the deltas record for their base {base}; pass base= explicitly"
             )
@@ -399,17 +388,17 @@ def recorded_base(deltas: Sequence[SparseDelta]) -> tuple[str, str | None]:
         ValueError: no delta records a base, or the one recorded is a local path that does not exist here.
     """
     if not deltas:
-        raise ValueError("load_model needs a base, or deltas that record theirs")
+        raise InvalidArgumentError("load_model needs a base, or deltas that record theirs")
     base = common_base(deltas, force=True)  # which name to load; the fingerprints are checked after loading
     name, revision = base["base_model"], base["base_revision"]
     if not name:
-        raise ValueError(
+        raise InvalidArgumentError(
             "none of the deltas records its base model; pass base= (a model folder or a Hub id 'org/name')"
         )
     from .identity import is_hub_id
 
     if not is_hub_id(name) and not os.path.exists(name):
-        raise FileNotFoundError(
+        raise PathNotFoundError(
             f"the deltas record their base as {name!r}, a local path that does not exist here; pass base= (a "
             "model folder or a Hub id 'org/name')"
         )

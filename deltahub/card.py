@@ -20,25 +20,10 @@ from huggingface_hub import ModelCard, ModelCardData
 from ._dtypes import dtype_name
 from .delta import SparseDelta
 
-# A Hub model id: "name" or "namespace/name" (the rules of huggingface_hub's validate_repo_id). A local path
-# ("./base", "/models/llama") is not one and stays out of `base_model`, which the Hub resolves to a model page.
-_HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
 # Beyond this many rows the table stops being readable; delta_config.json lists every parameter anyway.
 MAX_TABLE_ROWS = 200
 # Provenance can carry long lists (skipped parameters); the card shows the start, the config holds it all.
 MAX_PROVENANCE_CHARS = 4000
-
-
-def is_hub_model_id(text: str | None) -> bool:
-    """Whether ``text`` has the shape of a Hub model id (and so may go in ``base_model``)."""
-    return bool(
-        text
-        and len(text) <= 96
-        and _HUB_ID.fullmatch(text)
-        and ".." not in text
-        and "--" not in text
-        and not text.endswith(".git")
-    )
 
 
 def algorithm_of(provenance: dict[str, Any]) -> str | None:

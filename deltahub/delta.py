@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ._dtypes import BASE_DTYPES, VALUE_DTYPES, dtype_name, index_dtype_for
-from .errors import BaseMismatchError
+from .errors import ArgumentTypeError, BaseMismatchError, InvalidArgumentError
 from .fingerprint import samples_match
 from .sparse_ops import weighted_sum
 
@@ -44,7 +44,7 @@ class ParamDelta:
         object.__setattr__(self, "shape", shape)
         problems = _param_problems(self.indices, self.values, shape, self.dtype)
         if problems:
-            raise ValueError("invalid ParamDelta: " + "; ".join(problems))
+            raise InvalidArgumentError("invalid ParamDelta: " + "; ".join(problems))
         want = index_dtype_for(_numel(shape))
         if self.indices.dtype != want:
             object.__setattr__(self, "indices", self.indices.to(want))
@@ -197,7 +197,7 @@ class SparseDelta(Mapping[str, ParamDelta]):
         self._params: dict[str, ParamDelta] = dict(params.items() if isinstance(params, Mapping) else params)
         for name, p in self._params.items():
             if not isinstance(p, ParamDelta):
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"SparseDelta params must be ParamDelta objects; {name!r} is {type(p).__name__}"
                 )
         self.base_model = base_model
@@ -257,7 +257,7 @@ class SparseDelta(Mapping[str, ParamDelta]):
         fields = {"params": self._params, "provenance": self.provenance, **self._metadata()}
         unknown = set(changes) - set(fields)
         if unknown:
-            raise TypeError(f"unknown SparseDelta fields {sorted(unknown)}; valid: {sorted(fields)}")
+            raise ArgumentTypeError(f"unknown SparseDelta fields {sorted(unknown)}; valid: {sorted(fields)}")
         fields.update(changes)
         return SparseDelta(fields.pop("params"), **fields)
 
@@ -324,11 +324,11 @@ def common_base(deltas: Iterable[SparseDelta], *, force: bool = False) -> dict[s
     Raises:
         BaseMismatchError: naming every parameter whose shape or fingerprint differs between two deltas.
     """
-    from .card import is_hub_model_id  # lazy: card imports this module
+    from .identity import is_hub_id  # lazy: identity imports card, which imports this module
 
     deltas = list(deltas)
     named = [(d.base_model, d.base_revision) for d in deltas if d.base_model]
-    hub_named = [(m, r) for m, r in named if is_hub_model_id(m) and not m.startswith((".", "/", "~"))]
+    hub_named = [(m, r) for m, r in named if is_hub_id(m)]
     base_model, base_revision = (hub_named or named or [(None, None)])[0]
     fingerprint: dict[str, tuple[float, ...]] = {}
     seen: dict[str, tuple[tuple[int, ...], torch.dtype, int]] = {}  # name -> shape, base dtype, first delta

@@ -23,6 +23,14 @@ class InvalidArgumentError(DeltahubError, ValueError):
     the keyword argument, the value and the expected form."""
 
 
+class ArgumentTypeError(DeltahubError, TypeError):
+    """An argument of the wrong type (a path where a delta was expected, say); the message names both."""
+
+
+class PathNotFoundError(DeltahubError, FileNotFoundError):
+    """A file or folder given as input does not exist (and, for a delta, is not a Hub id either)."""
+
+
 class InvalidRepoIdError(InvalidArgumentError):
     """A Hub repo id or ``org/name@revision`` reference that breaks the Hub's naming rules."""
 
@@ -44,7 +52,11 @@ class DeltaFormatError(DeltahubError, ValueError):
 
 
 class DeltaExistsError(DeltahubError, FileExistsError):
-    """Saving would replace an existing, non-empty file or folder; pass ``overwrite=True`` to replace it."""
+    """Writing would replace an existing, non-empty file or folder; pass ``overwrite=True`` to replace it."""
+
+
+class MergeConfigError(InvalidArgumentError):
+    """A ``merge.yaml`` that cannot be read or breaks its schema; every problem is listed."""
 
 
 class BaseMismatchError(DeltahubError, ValueError):

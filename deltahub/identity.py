@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path, PurePath
 from typing import Any
 
+from .errors import InvalidRepoIdError
+
 # The HF cache lays repos out as <cache>/models--<org>--<name>/snapshots/<commit>/...; repo ids never contain
 # "--", so the folder name maps back to exactly one id.
 _CACHE_REPO = re.compile(r"models--(?P<repo>.+)")
@@ -39,16 +41,12 @@ def hf_cache_ref(path: str | os.PathLike[str]) -> tuple[str, str] | None:
 
 
 def is_hub_id(text: object) -> bool:
-    """Whether ``text`` has the shape of a Hub model id (``name`` or ``namespace/name``) and is not spelled like
-    a relative or absolute path."""
-    from .card import is_hub_model_id
+    """Whether ``text`` follows the Hub's model id rules (``name`` or ``namespace/name``, see
+    :mod:`deltahub.hub_ids`), so it may go in a card's ``base_model``; a path like ``./base`` or ``/models/x``
+    does not."""
+    from .hub_ids import is_repo_id
 
-    return (
-        isinstance(text, str)
-        and is_hub_model_id(text)
-        and not text.startswith((".", "~"))
-        and not Path(text).is_absolute()
-    )
+    return is_repo_id(text, namespaced=False)
 
 
 def parse_model_id(text: str) -> tuple[str, str | None]:
@@ -58,10 +56,10 @@ def parse_model_id(text: str) -> tuple[str, str | None]:
         ValueError: ``text`` is not a Hub model id (a local path, say: a base known only locally has no id).
     """
     if not isinstance(text, str):
-        raise ValueError(f"invalid base model id {text!r}: {_REF_HELP}")
+        raise InvalidRepoIdError(f"invalid base model id {text!r}: {_REF_HELP}")
     repo_id, at, revision = text.partition("@")
     if not is_hub_id(repo_id) or (at and not revision.strip()):
-        raise ValueError(f"invalid base model id {text!r}: {_REF_HELP}")
+        raise InvalidRepoIdError(f"invalid base model id {text!r}: {_REF_HELP}")
     return repo_id, (revision if at else None)
 
 

@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .delta import SparseDelta
+from .errors import ArgumentTypeError, InvalidArgumentError
 
 DeltaSource = SparseDelta | str | os.PathLike
 
@@ -50,7 +51,7 @@ def check_weights(count: int, weights: Sequence[float] | float | None) -> list[f
     if isinstance(weights, numbers.Real):
         weights = [weights]
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
-        raise ValueError(f"weights must be a list of numbers, one per delta; got {weights!r}")
+        raise InvalidArgumentError(f"weights must be a list of numbers, one per delta; got {weights!r}")
     weights = list(weights)
     problems = []
     if len(weights) != count:
@@ -59,7 +60,7 @@ def check_weights(count: int, weights: Sequence[float] | float | None) -> list[f
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(float(w)):
             problems.append(f"weight {i} must be a finite number; got {w!r}")
     if problems:
-        raise ValueError("invalid weights: " + "; ".join(problems))
+        raise InvalidArgumentError("invalid weights: " + "; ".join(problems))
     return [float(w) for w in weights]
 
 
@@ -67,14 +68,14 @@ def _as_list(deltas: object) -> list[Any]:
     if isinstance(deltas, (SparseDelta, str, os.PathLike)):
         return [deltas]
     if isinstance(deltas, Mapping) or not isinstance(deltas, (Sequence, tuple, list)):
-        raise TypeError(
+        raise ArgumentTypeError(
             "deltas must be a delta (a SparseDelta, a folder, a file or a Hub id 'org/name[@rev]') or a list of "
             f"them; got {type(deltas).__name__}"
         )
     items = list(deltas)
     bad = [f"{i} ({type(d).__name__})" for i, d in enumerate(items) if not isinstance(d, DeltaSource)]
     if bad:
-        raise TypeError(
+        raise ArgumentTypeError(
             "each delta must be a SparseDelta, a folder, a file or a Hub id 'org/name[@rev]'; items "
             f"{', '.join(bad)} are not"
         )
@@ -103,19 +104,19 @@ def validate_inputs(
     from .methods import get_method
 
     if not isinstance(force, bool):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"force must be True or False; got {force!r}. A combination method's options go in "
             "method_options={...}"
         )
     if method_options is not None and not isinstance(method_options, Mapping):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"method_options must be a mapping like {{'density': 0.5}}; got {type(method_options).__name__}"
         )
     spec = get_method(method)
     options = spec.resolve(dict(method_options or {}))
     items = _as_list(deltas)
     if not items and not allow_empty:
-        raise ValueError("need at least one delta")
+        raise InvalidArgumentError("need at least one delta")
     weight_list = check_weights(len(items), weights)
     loaded = tuple(d if isinstance(d, SparseDelta) else load_delta(d) for d in items)
     return DeltaInputs(loaded, tuple(weight_list), spec.name, MappingProxyType(options), force)

@@ -12,7 +12,14 @@ import re
 from pathlib import Path
 
 from .delta import SparseDelta
-from .errors import HubRepoNotFoundError, NotADeltaError, UnconvertedAdapterError
+from .errors import (
+    ArgumentTypeError,
+    HubRepoNotFoundError,
+    InvalidArgumentError,
+    NotADeltaError,
+    PathNotFoundError,
+    UnconvertedAdapterError,
+)
 
 _SHA = re.compile(r"[0-9a-f]{40}")
 
@@ -63,24 +70,28 @@ def load_delta(
     from .hub import is_delta_ref, parse_delta_ref
 
     if not isinstance(ref, (str, os.PathLike)):
-        raise TypeError(f"load_delta takes a path or a Hub id 'org/name[@rev]'; got {type(ref).__name__}")
+        raise ArgumentTypeError(
+            f"load_delta takes a path or a Hub id 'org/name[@rev]'; got {type(ref).__name__}"
+        )
     path = Path(ref)
     if path.exists():
         if revision is not None:
-            raise ValueError(f"revision={revision!r} was given for the local path {os.fspath(ref)!r}")
+            raise InvalidArgumentError(
+                f"revision={revision!r} was given for the local path {os.fspath(ref)!r}"
+            )
         problem = unconverted_error(path)
         if problem is not None:
             raise problem
         return read_delta(path)
     if not (isinstance(ref, str) and is_delta_ref(ref)):
-        raise FileNotFoundError(
+        raise PathNotFoundError(
             f"no delta at {os.fspath(ref)!r}: expected a folder with delta.safetensors (or shards) and "
             "delta_config.json, a single .safetensors delta file, or a Hub repo id like 'org/name' or "
             "'org/name@revision'"
         )
     repo_id, ref_revision = parse_delta_ref(ref)
     if revision is not None and ref_revision is not None and revision != ref_revision:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"two revisions for {repo_id}: {ref_revision!r} in {ref!r} and revision={revision!r}"
         )
     rev = revision or ref_revision

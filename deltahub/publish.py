@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .delta import SparseDelta
+from .errors import InvalidArgumentError
 from .identity import hf_cache_ref, looks_like_local_path, parse_model_id, scrub_local_paths
 
 
@@ -108,7 +109,7 @@ def check_no_local_paths(files: Mapping[str, bytes | Path], paths: Iterable[str]
         data = content if isinstance(content, bytes) else _text_part(content)
         for needle in needles:
             if needle.encode("utf-8") in data:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"{name} mentions the local path {needle!r}, which must not be uploaded; edit that file (a "
                     "hand-written README.md is pushed as written) or delete it so push generates one"
                 )

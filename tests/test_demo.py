@@ -143,7 +143,7 @@ def test_demo_refuses_to_replace_a_folder_it_did_not_make(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 4
     assert "was not made by `deltahub demo`" in proc.stderr and "Traceback" not in proc.stderr
     assert (precious / "thesis.tex").read_text() == "years of work"
 

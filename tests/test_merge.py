@@ -281,7 +281,7 @@ def test_bad_inputs_fail_before_anything_is_written(setup):
         merge(other, paths, out=root / "out", progress=False)
     with pytest.raises(BaseMismatchError, match=r"1 parameters not in the base, e\.g\. \['model\.layers\.9"):
         merge(base, [stray], out=root / "out", progress=False)
-    with pytest.raises(DeltaExistsError, match="already exists and is not empty; pass --overwrite"):
+    with pytest.raises(DeltaExistsError, match="already exists and is not empty; pass overwrite=True"):
         merge(base, paths, out=root / "taken", progress=False)
     with pytest.raises(ValueError, match="is \\(or contains\\) the base model folder"):
         merge(base, paths, out=base, overwrite=True, progress=False)

@@ -67,13 +67,24 @@ def test_train_writes_a_delta_that_lowers_the_loss(tmp_path, base_folder, algori
 def test_train_errors_are_one_clear_line(tmp_path, base_folder):
     text = tmp_path / "data.txt"
     text.write_text("abc " * 500)
+    proc = run("train", tmp_path / "no-such-base", text, "--out", tmp_path / "d")
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    assert proc.stderr == (
+        f"error: no model folder at {str(tmp_path / 'no-such-base')!r}: BASE must be a local folder written by "
+        "save_pretrained\n"
+    )
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("keep")
+    proc = run("train", base_folder, text, "--out", tmp_path / "taken")
+    assert proc.returncode == 4
+    assert proc.stderr == f"error: {tmp_path / 'taken'} already exists and is not empty; pass --overwrite to replace it\n"
     proc = run("train", base_folder, text, "--out", tmp_path / "d", "--density", 2)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: invalid SftConfig: density must be a number in (0, 1]; got 2.0" in proc.stderr
     records = tmp_path / "data.jsonl"
     records.write_text(json.dumps({"text": "hello"}) + "\n" + json.dumps({"body": "x"}) + "\n")
     proc = run("train", base_folder, records, "--out", tmp_path / "d")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "data.jsonl:2 has no string field 'text'; choose the field with --text-field" in proc.stderr
     proc = run("train", base_folder, text, "--out", tmp_path / "d", "--seq-len", 4096)
-    assert proc.returncode == 1 and "fewer than two blocks of --seq-len 4096" in proc.stderr
+    assert proc.returncode == 2 and "fewer than two blocks of --seq-len 4096" in proc.stderr

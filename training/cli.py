@@ -73,7 +73,7 @@ def train(
     overwrite,
     quiet,
 ):
-    """Train a sparse delta of BASE (a model folder or Hub id) on DATASET (.txt or .jsonl) and save it to --out.
+    """Train a sparse delta of BASE (a local model folder) on DATASET (.txt or .jsonl) and save it to --out.
 
     The last tenth of the token blocks is held out to report the loss before and after.
 
@@ -88,6 +88,8 @@ def train(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import deltahub
+    from deltahub._atomic import check_output
+    from deltahub.errors import PathNotFoundError
 
     from .config import SftConfig
     from .data import read_texts, token_blocks
@@ -113,8 +115,12 @@ def train(
         from deltahub.identity import parse_model_id
 
         parse_model_id(base_model)  # a bad id fails before any training
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise click.UsageError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    if not Path(base).is_dir():
+        # Checked before transformers sees it: from_pretrained would try it as a Hub id and fail in 40 lines.
+        raise PathNotFoundError(
+            f"no model folder at {base!r}: `base` must be a local folder written by save_pretrained"
+        )
+    check_output(out, overwrite=overwrite, keyword="out")
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base)

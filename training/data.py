@@ -31,7 +31,7 @@ def read_texts(path: str | os.PathLike, text_field: str = "text") -> list[str]:
                     ) from e
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                     raise SftConfigError(
-                        f"{path}:{number} has no string field {text_field!r}; choose the field with --text-field "
+                        f"{path}:{number} has no string field {text_field!r}; choose the field with `text_field` "
                         f"(this line has {sorted(record) if isinstance(record, dict) else type(record).__name__})"
                     )
                 texts.append(record[text_field])
@@ -53,7 +53,7 @@ def token_blocks(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     n = len(stream) // seq_len
     if n < 2:
         raise SftConfigError(
-            f"the dataset has {len(stream)} tokens, fewer than two blocks of --seq-len {seq_len}; give more text or "
-            "a shorter --seq-len"
+            f"the dataset has {len(stream)} tokens, fewer than two blocks of `seq_len` {seq_len}; give more text or "
+            "a shorter `seq_len`"
         )
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)

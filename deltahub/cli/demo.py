@@ -73,29 +73,16 @@ def demo(
       deltahub demo --model ./my-llm --steps 200 --density 0.005
       HF_TOKEN=hf_... deltahub demo --hub-endpoint https://huggingface.co
     """
-    import os
-
     from ..demo import run_demo
-    from ..demo.steps import DemoStepError
-    from ..errors import DeltahubError
 
-    try:
-        run_demo(
-            out,
-            steps=steps,
-            density=density,
-            model=model,
-            fast=fast,
-            hub_endpoint=hub_endpoint,
-            token=token,
-            seed=seed,
-            echo=click.echo,
-        )
-    except (DeltahubError, KeyboardInterrupt):
-        raise
-    except Exception as err:
-        # Whatever a step hit (a missing package, a full disk), one line: the traceback with DELTAHUB_DEBUG=1.
-        if os.environ.get("DELTAHUB_DEBUG") == "1":
-            raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise DemoStepError(f"the demo stopped: {type(err).__name__}: {first}") from err
+    run_demo(
+        out,
+        steps=steps,
+        density=density,
+        model=model,
+        fast=fast,
+        hub_endpoint=hub_endpoint,
+        token=token,
+        seed=seed,
+        echo=click.echo,
+    )

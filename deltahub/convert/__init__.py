@@ -27,7 +27,7 @@ import torch
 
 from .._dtypes import VALUE_DTYPES, parse_dtype
 from ..delta import SparseDelta
-from ..errors import ConversionError
+from ..errors import ConversionError, PathNotFoundError
 from .base import BaseLike
 from .detect import COMPOSABLE_SFT, FORMATS, PEFT_LORA, SFT_FORK, detect_format
 
@@ -75,11 +75,8 @@ def convert_adapter(
 
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"no adapter at {os.fspath(source)!r}")
-    try:
-        kind = detect_format(path)
-    except ValueError as err:
-        raise ConversionError(str(err)) from None
+        raise PathNotFoundError(f"no adapter at {os.fspath(source)!r}")
+    kind = detect_format(path)
     if kind is None:
         if (path / "delta_config.json").is_file():
             raise ConversionError(f"{path} is already a deltahub delta; load it with deltahub.load_delta")

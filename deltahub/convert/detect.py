@@ -8,7 +8,7 @@ import os
 import shlex
 from pathlib import Path
 
-from ..errors import UnconvertedAdapterError
+from ..errors import ConversionError, UnconvertedAdapterError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -24,23 +24,25 @@ _MAX_CONFIG_BYTES = 10_000_000
 
 
 def read_adapter_config(folder: Path) -> dict:
-    """``adapter_config.json`` of a peft adapter folder, parsed (a ConversionError-friendly ValueError when not)."""
+    """``adapter_config.json`` of a peft adapter folder, parsed (ConversionError when it is not valid)."""
     path = folder / ADAPTER_CONFIG
     if path.stat().st_size > _MAX_CONFIG_BYTES:
-        raise ValueError(f"{path} is larger than {_MAX_CONFIG_BYTES} bytes; it is not a peft adapter config")
+        raise ConversionError(
+            f"{path} is larger than {_MAX_CONFIG_BYTES} bytes; it is not a peft adapter config"
+        )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from err
+        raise ConversionError(f"{path} is not valid JSON ({err})") from err
     if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object")
+        raise ConversionError(f"{path} must hold a JSON object")
     return config
 
 
 def detect_format(path: str | os.PathLike[str]) -> str | None:
     """Which adapter format ``path`` (a folder, or a file in one) holds: ``"sft-fork"`` (peft_type SFT),
     ``"peft-lora"`` (peft_type LORA), ``"composable-sft"`` (``pytorch_diff.bin``), or None (anything else,
-    including a deltahub delta). Raises ValueError for a peft adapter of another type, naming it."""
+    including a deltahub delta). Raises ConversionError for a peft adapter of another type, naming it."""
     p = Path(path)
     if p.is_file():
         if p.name == COMPOSABLE_FILE:
@@ -53,7 +55,7 @@ def detect_format(path: str | os.PathLike[str]) -> str | None:
     if (p / ADAPTER_CONFIG).is_file():
         peft_type = str(read_adapter_config(p).get("peft_type", "")).upper()
         if peft_type not in _PEFT_TYPES:
-            raise ValueError(
+            raise ConversionError(
                 f"{p} is a peft {peft_type or 'adapter of unknown type'} adapter; deltahub converts the SFT fork's "
                 "adapters (peft_type SFT) and LoRA adapters (peft_type LORA)"
             )
@@ -82,7 +84,7 @@ def unconverted_error(path: Path) -> UnconvertedAdapterError | None:
     """The error for a local path that holds another tool's adapter rather than a delta, else None."""
     try:
         kind = detect_format(path)
-    except ValueError as err:
+    except ConversionError as err:
         return UnconvertedAdapterError(f"{err}; it is not a deltahub delta")
     if kind is None:
         return None

@@ -38,13 +38,14 @@ from typing import Any
 
 import torch
 
+from .._atomic import check_output, install_folder
 from .._dtypes import VALUE_DTYPES, parse_dtype
+from .._tensors import check_tied
 from ..apply import check_base, recorded_base
 from ..checkpoint import INDEX_NAME
 from ..delta import SparseDelta, common_base
-from ..errors import BaseMismatchError, DeltaExistsError, OutOfSpaceError
+from ..errors import InvalidArgumentError, OutOfSpaceError
 from ..format.spec import parse_size
-from ..format.writer import install_folder, is_occupied
 from ..inputs import DeltaSource, describe, validate_inputs
 from ..overlap import overlap_inputs
 from .base import MARKER, BaseFiles, resolve_model
@@ -108,11 +109,7 @@ def merge(
     """
     out_dtype = parse_dtype(dtype, allowed=VALUE_DTYPES, what="dtype") if dtype is not None else None
     max_bytes = parse_size(max_shard_size)
-    out = Path(out)
-    if not out.name or out.name in (".", ".."):
-        raise ValueError(f"--out needs a folder path with a name; got {os.fspath(out)!r}")
-    if is_occupied(out) and not overwrite:
-        raise DeltaExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    out = check_output(out, overwrite=overwrite, keyword="out")
     inputs = validate_inputs(
         deltas, weights=weights, method=method, method_options=method_options, force=force
     )
@@ -198,8 +195,8 @@ def _check_out(out: Path, base_folder: Path) -> None:
     """Refuse an ``out`` that is the base or holds it: replacing it would destroy the weights being read."""
     o, b = out.resolve(), base_folder.resolve()
     if o == b or o in b.parents:
-        raise ValueError(
-            f"--out {out} is (or contains) the base model folder {base_folder}; choose another folder"
+        raise InvalidArgumentError(
+            f"`out` {out} is (or contains) the base model folder {base_folder}; choose another folder"
         )
 
 
@@ -212,14 +209,7 @@ def _check_tied(
 ) -> None:
     """A tied tensor changed under two names must get the same change from both (as apply_deltas requires)."""
     for stored, names in users.items():
-        if len(names) > 1:
-            first = combined(names[0], deltas, weights, method, options)
-            for other in names[1:]:
-                if not first.equal(combined(other, deltas, weights, method, options)):
-                    raise BaseMismatchError(
-                        f"{names[0]} and {other} are one tied tensor ({stored}) in this model but the deltas change "
-                        "them differently; keep one of the two names in the delta"
-                    )
+        check_tied([names], lambda n: combined(n, deltas, weights, method, options), where=f" ({stored})")
 
 
 def _delta_info(delta: SparseDelta, position: int, weight: float) -> DeltaInfo:

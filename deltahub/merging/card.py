@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .. import __version__
 from .._dtypes import dtype_name
+from .._version import __version__
 from .plan import MergePlan
 
 

@@ -45,8 +45,8 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from ...hub_ids import is_repo_id
 from .store import (
-    REPO_NAME,
     HubError,
     RepoStore,
     file_info,
@@ -219,7 +219,7 @@ class _Handler(BaseHTTPRequestHandler):
         namespace, name = body.get("organization") or user, body.get("name") or ""
         if body.get("type", "model") != "model":
             raise HubError(400, "This test server only hosts model repos")
-        if not REPO_NAME.fullmatch(name) or ".." in name or name.endswith(".git"):
+        if not is_repo_id(f"{namespace}/{name}"):
             raise HubError(400, f"Invalid repo name: {name!r}")
         if not self._can_write(user, namespace):
             raise HubError(
