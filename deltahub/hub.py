@@ -315,6 +315,11 @@ def push_delta(
                     f"no delta folder at {os.fspath(delta_or_folder)!r}: push_delta takes a folder written by "
                     "save_delta, or a SparseDelta"
                 )
+            from .convert.detect import unconverted_error
+
+            problem = unconverted_error(folder)
+            if problem is not None:
+                raise problem  # an adapter of another tool: say `deltahub convert`, not "no delta_config.json"
             delta = load_delta(folder)  # validate before anything leaves the machine
         else:
             raise ArgumentTypeError(

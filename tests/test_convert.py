@@ -123,6 +123,8 @@ def test_every_verb_names_deltahub_convert_for_a_fork_folder(tmp_path, base):
         deltahub.overlap_report([folder, folder])
     with pytest.raises(UnconvertedAdapterError, match="deltahub convert"):
         load_delta(tmp_path / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(UnconvertedAdapterError, match="deltahub convert"):
+        deltahub.push_delta(folder, "alice/never-sent")  # refused before any request
 
 
 def test_replaced_modules_need_drop_head(tmp_path, base):
