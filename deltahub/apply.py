@@ -144,14 +144,21 @@ def check_base(
                     )
     if problems:
         raise BaseMismatchError(
-            "the deltas do not fit this base model (parameter names or shapes differ):", problems[:limit]
+            "the deltas do not fit this base model (parameter names or shapes differ):", _first(problems, limit)
         )
     if fingerprint_problems:
         raise BaseMismatchError(
             f"the deltas were made on a different base ({len(fingerprint_problems)} parameters differ); load the "
             "base named in the delta's config, or pass force=True to apply anyway:",
-            fingerprint_problems[:limit],
+            _first(fingerprint_problems, limit),
         )
+
+
+def _first(problems: list[str], limit: int) -> list[str]:
+    """The first ``limit`` problems, and how many more there are (a 70B model can have hundreds)."""
+    if len(problems) <= limit:
+        return problems
+    return [*problems[:limit], f"... and {len(problems) - limit} more"]
 
 
 @dataclass

@@ -79,6 +79,10 @@ def test_the_card_yaml_reproduces_the_merge(setup):
     (root / "merge.yaml").write_text(yaml_text)
     run("merge", "--config", root / "merge.yaml", "--out", root / "b", "-q")
     assert without_card(root / "a") == without_card(root / "b")
+    # the merge.yaml the card promises is in the folder, is the card's text, and reproduces the merge itself
+    assert (root / "a" / "merge.yaml").read_text() == yaml_text
+    run("merge", "--config", root / "a" / "merge.yaml", "--out", root / "c", "-q")
+    assert without_card(root / "c") == without_card(root / "a")
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(setup):

@@ -32,6 +32,7 @@ from deltahub import (
     save_delta,
 )
 from deltahub.fingerprint import fingerprint_of
+from deltahub.merging.config import MergeConfig
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 
@@ -239,11 +240,17 @@ def test_model_card_lists_the_base_and_every_delta_with_weight_and_method(setup)
     ).out  # fmt: skip
     card = (out / "README.md").read_text()
     assert "library_name: transformers" in card
-    assert f'base_model: "{base}"' in card or "base_model:" in card
+    assert card.splitlines()[2] == f"base_model: {json.dumps(str(base))}"
     for path, weight in zip(paths, ["0.5", "-1"], strict=True):
         assert f"| `{path}` | - | {weight} |" in card
     assert "Method: `ties` (options: density=0.4)" in card
-    assert "method: ties" in card and "density: 0.4" in card  # the reproducible merge.yaml
+    # the card quotes the merge.yaml the folder carries, and that file reads back to the merge's own config
+    written = (out / "merge.yaml").read_text()
+    assert f"```yaml\n{written}```" in card
+    assert "method: ties" in written and "  density: 0.4" in written
+    config = MergeConfig.from_yaml(out / "merge.yaml")
+    assert config.method == "ties" and dict(config.options) == {"density": 0.4}
+    assert [(d.path, d.weight) for d in config.deltas] == [(str(paths[0]), 0.5), (str(paths[1]), -1.0)]
 
 
 def test_dry_run_writes_nothing_and_reports_the_plan(setup):

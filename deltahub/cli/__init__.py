@@ -7,6 +7,7 @@ documented in ``docs/cli.md``); ``DELTAHUB_DEBUG=1`` adds the traceback.
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 
 import click
@@ -58,15 +59,19 @@ def main() -> None:
     """
 
 
-main.help = main.help.replace("    EXIT_CODES", exit_code_table())
+main.help = inspect.cleandoc(main.help or "").replace("EXIT_CODES", exit_code_table().strip("\n"))
 
 
 def _register() -> None:
+    from .convert import convert
     from .demo import demo
-    from .hub import pull, push
-    from .merge import extract, inspect, merge
+    from .extract import extract
+    from .inspect import inspect
+    from .merge import merge
+    from .pull import pull
+    from .push import push
 
-    for command in (demo, push, pull, merge, inspect, extract):
+    for command in (demo, push, pull, merge, inspect, extract, convert):
         main.add_command(command)
 
 

@@ -64,7 +64,8 @@ def exit_code(err: BaseException) -> int:
 
 def exit_code_table() -> str:
     """The table for ``--help`` and the docs."""
-    return "\n".join(f"  {e.code:>3}  {e.kind}" for e in sorted(EXIT_CODES, key=lambda e: e.code))
+    rows = [(0, "success"), *((e.code, e.kind) for e in EXIT_CODES), (INTERRUPTED, "interrupted (Ctrl-C)")]
+    return "\n".join(f"  {code:>3}  {kind}" for code, kind in sorted(rows))
 
 
 def _flag(param: click.Parameter) -> str:

@@ -81,7 +81,7 @@ def run_demo(
         out: folder for everything the demo writes (replaced only if an earlier demo made it).
         steps, density: training budget per delta (default: the settings of the chosen model size).
         model: a local causal LM folder to use as the base instead of SmolLM2-135M-Instruct.
-        fast: a tiny random model and character tokenizer built offline (for tests; about a minute).
+        fast: a tiny random model and character tokenizer built offline (for tests; about 30 s).
         hub_endpoint, token: push to and pull from this Hub (default https://huggingface.co when only a token
             is given) instead of a loopback server the demo starts.
     """

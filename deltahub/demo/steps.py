@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .._dtypes import dtype_name
-from ..errors import DeltahubError
+from ..errors import DeltahubError, PathNotFoundError
 from .settings import Settings
 from .texts import Task
 
@@ -102,6 +102,8 @@ def prepare_base(out: Path, *, model: str | None, fast: bool, seed: int, echo: E
         what = "a tiny random Llama with a character tokenizer (--fast)"
     elif model:
         folder, what = Path(model), f"{model} (--model)"
+        if not (folder / "config.json").is_file():
+            raise PathNotFoundError(f"no model folder at {model!r}: `model` must be a folder written by save_pretrained")
     else:
         # The first run converts the GGUF (~30 s); later runs find the folder in the cache.
         folder = smollm2_folder()

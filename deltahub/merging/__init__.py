@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .._atomic import check_output, install_folder
-from .._dtypes import VALUE_DTYPES, parse_dtype
+from .._dtypes import VALUE_DTYPES, dtype_name, parse_dtype
 from .._tensors import check_tied
 from ..apply import check_base, recorded_base
 from ..checkpoint import INDEX_NAME
@@ -50,10 +50,11 @@ from ..inputs import DeltaSource, describe, validate_inputs
 from ..overlap import overlap_inputs
 from .base import MARKER, BaseFiles, resolve_model
 from .card import model_card
+from .config import CONFIG_NAME, DeltaEntry, MergeConfig
 from .plan import DeltaInfo, MergePlan, MergeResult, shard_layout
 from .write import combined, copy_extras, index, make_tmp, remove_stale, space_error, write_shards
 
-__all__ = ["MergePlan", "MergeResult", "OutOfSpaceError", "merge", "model_card", "resolve_model"]
+__all__ = ["DeltaEntry", "MergeConfig", "MergePlan", "MergeResult", "OutOfSpaceError", "merge", "model_card", "resolve_model"]
 
 # --------------------------------------------------------------------------------------------------------------
 # The function
@@ -146,6 +147,7 @@ def merge(
             shards=shards,
             out=out,
         )
+        plan.config = _config(plan, max_shard_size)
         if dry_run:
             if len(delta_list) > 1:
                 plan.overlap = overlap_inputs(inputs)
@@ -165,6 +167,7 @@ def merge(
                 d.origin["repo_id"] for d in delta_list if d.origin.get("repo_id")
             ])  # fmt: skip
             (tmp / "README.md").write_text(card, encoding="utf-8")
+            (tmp / CONFIG_NAME).write_text(plan.config.to_yaml(), encoding="utf-8")
             (tmp / MARKER).unlink()
             install_folder(tmp, out, overwrite)
         except OSError as err:
@@ -210,6 +213,18 @@ def _check_tied(
     """A tied tensor changed under two names must get the same change from both (as apply_deltas requires)."""
     for stored, names in users.items():
         check_tied([names], lambda n: combined(n, deltas, weights, method, options), where=f" ({stored})")
+
+
+def _config(plan: MergePlan, max_shard_size: int | str) -> MergeConfig:
+    """The merge.yaml of this merge, revisions pinned to what was resolved (the base's commit for a Hub base)."""
+    return MergeConfig(
+        base=plan.base + (f"@{plan.base_revision}" if plan.base_revision else ""),
+        deltas=tuple(DeltaEntry(d.source, d.weight, d.revision) for d in plan.deltas),
+        method=plan.method,
+        options=dict(plan.options),
+        dtype=dtype_name(plan.dtype) if plan.dtype is not None else None,
+        max_shard_size=max_shard_size,
+    )
 
 
 def _delta_info(delta: SparseDelta, position: int, weight: float) -> DeltaInfo:

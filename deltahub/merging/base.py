@@ -25,7 +25,7 @@ MARKER = ".deltahub-merge-in-progress"
 # Files of the base never copied: its weights (in any format: a stale copy would contradict the merged ones),
 # its model card (we write our own) and hidden files.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-SKIP_FILES = frozenset({INDEX_NAME, "pytorch_model.bin.index.json", "README.md"})
+SKIP_FILES = frozenset({INDEX_NAME, "pytorch_model.bin.index.json", "README.md", "merge.yaml"})
 # What a Hub base needs: weights in transformers' naming, configs, tokenizer files, chat template, custom code.
 HUB_PATTERNS = [
     "model*.safetensors",

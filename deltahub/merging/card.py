@@ -3,7 +3,6 @@ reproduces it."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -11,10 +10,6 @@ from huggingface_hub import ModelCard, ModelCardData
 from .._dtypes import dtype_name
 from .._version import __version__
 from .plan import MergePlan
-
-
-def _yaml_str(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)  # a JSON string is a valid YAML scalar
 
 
 def card_metadata(hub_base: str | None, hub_deltas: Sequence[str]) -> ModelCardData:
@@ -43,20 +38,7 @@ def model_card(plan: MergePlan, *, hub_base: str | None = None, hub_deltas: Sequ
         for i, d in enumerate(plan.deltas)
     ]
     opts = ", ".join(f"{k}={v}" for k, v in plan.options.items()) or "none"
-    config = [
-        f"base: {_yaml_str(plan.base + ('@' + plan.base_revision if plan.base_revision else ''))}",
-        "deltas:",
-    ]
-    for d in plan.deltas:
-        config += [f"  - path: {_yaml_str(d.source)}", f"    weight: {d.weight!r}"]
-        if d.revision:
-            config.append(f"    revision: {_yaml_str(d.revision)}")
-    config.append(f"method: {plan.method}")
-    if plan.options:
-        config.append("options:")
-        config += [f"  {k}: {v!r}" for k, v in plan.options.items()]
-    if plan.dtype is not None:
-        config.append(f"dtype: {dtype_name(plan.dtype)}")
+    config = plan.config.to_yaml().splitlines() if plan.config is not None else []
     body = [
         "",
         f"# {plan.out.name}",
@@ -78,12 +60,14 @@ def model_card(plan: MergePlan, *, hub_base: str | None = None, hub_deltas: Sequ
         "",
         "## Reproduce",
         "",
+        "This folder's `merge.yaml`:",
+        "",
         "```yaml",
         *config,
         "```",
         "",
         "```bash",
-        f"deltahub merge --config merge.yaml --out {plan.out.name}",
+        f"deltahub merge --config {plan.out.name}/merge.yaml --out {plan.out.name}-again",
         "```",
         "",
     ]
