@@ -28,6 +28,7 @@ import torch
 from .._dtypes import VALUE_DTYPES, parse_dtype
 from ..delta import SparseDelta
 from ..errors import ConversionError, PathNotFoundError
+from ..format.spec import CONFIG_FILE
 from .base import BaseLike
 from .detect import COMPOSABLE_SFT, FORMATS, PEFT_LORA, SFT_FORK, detect_format
 
@@ -78,7 +79,7 @@ def convert_adapter(
         raise PathNotFoundError(f"no adapter at {os.fspath(source)!r}")
     kind = detect_format(path)
     if kind is None:
-        if (path / "delta_config.json").is_file():
+        if (path / CONFIG_FILE).is_file():
             raise ConversionError(f"{path} is already a deltahub delta; load it with deltahub.load_delta")
         raise ConversionError(
             f"{path} is not an adapter deltahub converts: expected an SFT-fork or LoRA folder (adapter_config.json "

@@ -9,11 +9,12 @@ import shlex
 from pathlib import Path
 
 from ..errors import ConversionError, UnconvertedAdapterError
+from ..format.spec import CONFIG_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 COMPOSABLE_FILE = "pytorch_diff.bin"
-DELTA_CONFIG = "delta_config.json"
+
 
 SFT_FORK = "sft-fork"
 PEFT_LORA = "peft-lora"
@@ -50,7 +51,7 @@ def detect_format(path: str | os.PathLike[str]) -> str | None:
         if p.name not in ADAPTER_WEIGHTS:
             return None
         p = p.parent
-    if not p.is_dir() or (p / DELTA_CONFIG).is_file():
+    if not p.is_dir() or (p / CONFIG_FILE).is_file():
         return None
     if (p / ADAPTER_CONFIG).is_file():
         peft_type = str(read_adapter_config(p).get("peft_type", "")).upper()

@@ -28,8 +28,7 @@ from ..extract import _positions, _threshold
 from ..fingerprint import tensor_samples
 from .base import BaseLike, base_tensor, open_base
 from .detect import read_adapter_config
-from .sft_fork import adapter_weights
-from .weights import read_state_dict
+from .peft_files import read_adapter
 
 _KEY = re.compile(
     r"(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
@@ -121,24 +120,11 @@ def convert_lora(
     from ..extract import _budget, _check_options
 
     budget = _check_options(density, num, scope, "error")
-    config = read_adapter_config(folder)
     what = f"the LoRA adapter {folder}"
-    _check_config(config, what)
-    state = read_state_dict(adapter_weights(folder))
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    replaced = []
-    for key, tensor in state.items():
-        match = _KEY.fullmatch(key)
-        if match is None:
-            replaced.append(key)
-            continue
-        modules.setdefault(match.group("module"), {})[match.group("part")] = tensor
-    if replaced and not drop_head:
-        raise ConversionError(
-            f"{what} also holds {len(replaced)} tensor(s) that replace base weights instead of adding to them "
-            f"(modules_to_save, e.g. {replaced[:3]}); a delta only adds. Pass drop_head=True (--drop-head) to "
-            "convert the LoRA modules without them"
-        )
+    _check_config(
+        read_adapter_config(folder), what
+    )  # a variant that is not additive: refused before any reading
+    config, modules, replaced = read_adapter(folder, _KEY, what, drop_head=drop_head, kept="the LoRA modules")
     incomplete = sorted(m for m, p in modules.items() if len(p) != 2)
     if incomplete:
         raise ConversionError(f"{what}: modules {incomplete[:5]} lack their A or B matrix")

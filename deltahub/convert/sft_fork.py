@@ -20,22 +20,11 @@ from ..delta import ParamDelta, SparseDelta
 from ..errors import ConversionError
 from ..fingerprint import tensor_samples
 from .base import BaseLike, base_tensor, open_base
-from .detect import ADAPTER_WEIGHTS, read_adapter_config
-from .weights import read_state_dict
+from .peft_files import read_adapter
 
 _KEY = re.compile(
     r"(?:base_model\.model\.)?(?P<module>.+?)\.sft_delta(?:\.(?P<adapter>[^.]+))?\.(?P<part>indices|values)"
 )
-
-
-def adapter_weights(folder: Path) -> Path:
-    """The adapter's weights file: safetensors preferred over the pickle."""
-    for name in ADAPTER_WEIGHTS:
-        if (folder / name).is_file():
-            return folder / name
-    raise ConversionError(
-        f"{folder} has {', '.join(ADAPTER_WEIGHTS)} neither; the adapter's weights are missing"
-    )
 
 
 def sorted_sum(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -52,29 +41,13 @@ def sorted_sum(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tenso
 def convert_sft_fork(
     folder: Path, *, base: BaseLike | None, drop_head: bool, values_dtype: torch.dtype | None
 ) -> SparseDelta:
-    config = read_adapter_config(folder)
-    weights = adapter_weights(folder)
-    state = read_state_dict(weights)
     what = f"the SFT-fork adapter {folder}"
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    replaced = []
-    for key, tensor in state.items():
-        match = _KEY.fullmatch(key)
-        if match is None:
-            replaced.append(key)
-            continue
-        parts.setdefault(match.group("module"), {})[match.group("part")] = tensor
-    if replaced and not drop_head:
-        raise ConversionError(
-            f"{what} also holds {len(replaced)} tensor(s) that replace base weights instead of adding to them "
-            f"(modules_to_save, e.g. {replaced[:3]}); a delta only adds. Pass drop_head=True (--drop-head) to "
-            "convert the sparse deltas without them"
-        )
+    config, parts, replaced = read_adapter(folder, _KEY, what, drop_head=drop_head, kept="the sparse deltas")
     incomplete = sorted(m for m, p in parts.items() if set(p) != {"indices", "values"})
     if incomplete:
         raise ConversionError(f"{what}: modules {incomplete[:5]} have indices or values but not both")
     if not parts:
-        raise ConversionError(f"{weights} holds no '<module>.sft_delta.indices' / '.values' tensors")
+        raise ConversionError(f"{what} holds no '<module>.sft_delta.indices' / '.values' tensors")
     recorded = (config.get("base_model_name_or_path") or None, config.get("revision") or None)
     params: dict[str, ParamDelta] = {}
     fingerprint: dict[str, tuple[float, ...]] = {}
