@@ -239,8 +239,10 @@ def test_model_card_lists_the_base_and_every_delta_with_weight_and_method(setup)
         progress=False,
     ).out  # fmt: skip
     card = (out / "README.md").read_text()
-    assert "library_name: transformers" in card
-    assert card.splitlines()[2] == f"base_model: {json.dumps(str(base))}"
+    data = ModelCard(card).data
+    assert data.library_name == "transformers" and data.base_model_relation == "merge"
+    # a local base is never the card's base_model (invalid on the Hub): the id the deltas record, verified
+    assert data.base_model == ["tiny"] and str(base) not in data.to_yaml()
     for path, weight in zip(paths, ["0.5", "-1"], strict=True):
         assert f"| `{path}` | - | {weight} |" in card
     assert "Method: `ties` (options: density=0.4)" in card
