@@ -13,6 +13,7 @@ from .checkpoint import Checkpoint, as_tensor_source
 from .convert import convert_adapter
 from .delta import ParamDelta, SparseDelta
 from .errors import (
+    ArgumentTypeError,
     BaseMismatchError,
     CheckpointError,
     ConversionError,
@@ -25,9 +26,14 @@ from .errors import (
     HubError,
     HubRepoNotFoundError,
     HubRevisionNotFoundError,
+    InvalidArgumentError,
+    InvalidRepoIdError,
+    MergeConfigError,
     MethodOptionError,
+    MissingExtraError,
     NotADeltaError,
     OutOfSpaceError,
+    PathNotFoundError,
     RevertError,
     UnconvertedAdapterError,
     UnknownMethodError,
@@ -36,12 +42,13 @@ from .extract import extract_delta
 from .format import save_delta
 from .hub import PushResult, parse_delta_ref, pull_delta, push_delta
 from .loading import load_delta
-from .merging import MergePlan, MergeResult, merge
+from .merging import MergeConfig, MergePlan, MergeResult, merge
 from .methods import MethodOption, MethodSpec, available_methods, combine, get_method, register_method
 from .overlap import OverlapReport, overlap_report
 
 __all__ = [
     "AppliedDeltas",
+    "ArgumentTypeError",
     "BaseMismatchError",
     "Checkpoint",
     "CheckpointError",
@@ -55,15 +62,21 @@ __all__ = [
     "HubError",
     "HubRepoNotFoundError",
     "HubRevisionNotFoundError",
+    "InvalidArgumentError",
+    "InvalidRepoIdError",
+    "MergeConfig",
+    "MergeConfigError",
     "MergePlan",
     "MergeResult",
     "MethodOption",
     "MethodOptionError",
     "MethodSpec",
+    "MissingExtraError",
     "NotADeltaError",
     "OutOfSpaceError",
     "OverlapReport",
     "ParamDelta",
+    "PathNotFoundError",
     "PushResult",
     "RevertError",
     "SparseDelta",

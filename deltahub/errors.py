@@ -138,6 +138,11 @@ class ConversionError(DeltahubError, ValueError):
     parts that replace weights rather than add to them, a base that does not fit)."""
 
 
+class OutputNotWritableError(DeltahubError, OSError):
+    """An output cannot be written where it was asked for: a read-only filesystem, a file-size limit, or no
+    permission. Nothing is left behind."""
+
+
 class MissingExtraError(DeltahubError, ImportError):
     """An optional dependency (an extra such as ``deltahub[plot]``) is not installed; the message says what
     to install."""

@@ -3,6 +3,7 @@
 Hub fixtures (the server is deltahub/demo/localhub, which `deltahub demo` also starts): tests talk to a loopback
 Hub-compatible server through the real `huggingface_hub` client over HTTP.
 
+* ``_isolated_deltahub_cache`` (autouse): ``DELTAHUB_CACHE`` points at a temp folder shared by the session.
 * ``_isolated_hf_cache`` (autouse): every HF cache, token and state file points at a fresh temp folder, telemetry is
   off, and no real token leaks in. No test touches ~/.cache/huggingface.
 * ``hub_server`` (session): one `HubServer` on 127.0.0.1, repos in a temp folder. Users: ``HUB_USER`` (token
@@ -70,6 +71,31 @@ def _isolated_hf_cache(tmp_path_factory, monkeypatch):
     ):
         monkeypatch.delenv(name, raising=False)
     return home
+
+
+@pytest.fixture(scope="session")
+def _deltahub_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("deltahub_cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_deltahub_cache(_deltahub_cache, monkeypatch):
+    """deltahub's own cache (the compiled kernel, the demo's converted model) in a temp folder for the session,
+    never the user's ~/.cache/deltahub; one per session, so the kernel compiles once."""
+    monkeypatch.setenv("DELTAHUB_CACHE", str(_deltahub_cache))
+    return _deltahub_cache
+
+
+@pytest.fixture(autouse=True)
+def _progress_bars_back_on():
+    """`--quiet` turns huggingface_hub's and transformers' bars off process-wide (as a CLI run should); an
+    in-process CLI test must not leave them off for the tests after it."""
+    yield
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    enable_progress_bars()
+    hf_logging.enable_progress_bar()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--algorithm", default="rigl")
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.set_num_threads(1)
@@ -35,6 +37,11 @@ def main() -> None:
             reselection_steps=3,
             selection_accumulation_steps=2,
         ),
+    )
+    # The positions before any reselection, so the test can check that training moved them.
+    save_file(
+        {name: layer.sft_indices.clone() for name, layer in model.sft_layers.items()},
+        str(args.out / f"initial{rank}.safetensors"),
     )
     ddp = DistributedDataParallel(model)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -126,6 +126,7 @@ def test_fast_demo_runs_end_to_end_and_its_claims_hold(tmp_path):
     assert "Repeat each step by hand:" in stdout
 
 
+@pytest.mark.slow
 def test_demo_help_has_examples():
     proc = subprocess.run(
         [sys.executable, "-m", "deltahub.cli", "demo", "--help"], capture_output=True, text=True
@@ -134,6 +135,7 @@ def test_demo_help_has_examples():
     assert "scripts/demo.sh" in (ROOT / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_demo_refuses_to_replace_a_folder_it_did_not_make(tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()

@@ -27,7 +27,11 @@ from deltahub.errors import (
 from deltahub.hub import parse_delta_ref, pull_delta, push_delta
 
 # The client's own LFS upload (lfs._upload_single_part) passes `data=<file>` to httpx2, which deprecates it.
-pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
+# Every test also talks to the loopback Hub server (a server, threads, HTTP): slow.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning"),
+    pytest.mark.slow,
+]
 
 BASE_ID = "tiny/llama"
 
@@ -353,6 +357,19 @@ def test_cli_push_and_pull_as_subprocesses(hub_env, tmp_path):
     pull = _cli("pull", f"{repo_id}@main", "--out", str(out), "--token", hub_env.token, env=env)
     assert pull.returncode == 0, pull.stderr
     assert pull.stdout.strip().splitlines()[-1] == str(out) and delta_bytes(out) == delta_bytes(folder)
+
+    # --quiet: no bar from deltahub, huggingface_hub (uploads, "Fetching N files") or transformers; pull still
+    # prints its one result, the folder
+    changed = saved(tmp_path, "d2", seed=5)  # a real change: an unchanged push makes the client log a note
+    quiet_push = _cli("push", str(changed), repo_id, "--quiet", "--token", hub_env.token, env=env)
+    assert quiet_push.returncode == 0 and quiet_push.stdout == "" and quiet_push.stderr == ""
+    quiet_pull = _cli(
+        "pull", repo_id, "--out", str(tmp_path / "quiet"), "--quiet", "--token", hub_env.token, env=env
+    )
+    assert quiet_pull.returncode == 0 and quiet_pull.stderr == ""
+    assert quiet_pull.stdout == f"{tmp_path / 'quiet'}\n"
+    loud_pull = _cli("pull", repo_id, "--out", str(tmp_path / "loud"), "--token", hub_env.token, env=env)
+    assert "Fetching" in loud_pull.stderr  # what --quiet silenced: huggingface_hub's own bar
 
     # No token: the private repo is invisible. One `error:` line, exit code 3, no traceback, nothing written.
     home = tmp_path / "fresh-home"  # no cached copy (one would be served when the Hub refuses)

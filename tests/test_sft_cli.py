@@ -10,6 +10,9 @@ from tiny import save_char_tokenizer, tiny_llama, tokens
 
 import deltahub
 
+# `deltahub train` as a subprocess
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):

@@ -7,8 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import deltahub
+
+# two processes under torchrun
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("algorithm", ["rigl", "sm3"])
@@ -41,3 +45,12 @@ def test_two_ranks_end_with_identical_positions_and_values(tmp_path, algorithm):
         assert torch.equal(a[name].indices, b[name].indices), name
         assert torch.equal(a[name].values, b[name].values), name
     assert a.provenance["steps"] == 12
+    # the positions moved: reselection ran (identically on both ranks) rather than keeping the random start
+    initial = [load_file(str(tmp_path / f"initial{r}.safetensors")) for r in (0, 1)]
+    assert initial[0].keys() == initial[1].keys() == set(a)
+    moved = 0
+    for name in a:
+        assert torch.equal(initial[0][name], initial[1][name]), name
+        start = set(initial[0][name].tolist())
+        moved += len(set(a[name].indices.tolist()) - start)
+    assert moved > 0.1 * a.nnz, (moved, a.nnz)

@@ -8,6 +8,9 @@ from transformers import Trainer, TrainingArguments
 from training import SftAdamW, SftConfig, SftSM3, SftTrainer
 from training.checkpoint import FILE_NAME
 
+# real Trainer runs
+pytestmark = pytest.mark.slow
+
 
 class Sequences(torch.utils.data.Dataset):
     """Counting sequences: a learnable task for a tiny model."""

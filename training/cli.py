@@ -11,7 +11,7 @@ import click
 
 @click.command()
 @click.argument("base")
-@click.argument("dataset", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("dataset", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Delta folder to write.")
 @click.option("--density", type=float, default=None, help="Trainable values as a fraction of all parameters.")
 @click.option(
@@ -117,9 +117,9 @@ def train(
         parse_model_id(base_model)  # a bad id fails before any training
     if not Path(base).is_dir():
         # Checked before transformers sees it: from_pretrained would try it as a Hub id and fail in 40 lines.
-        raise PathNotFoundError(
-            f"no model folder at {base!r}: `base` must be a local folder written by save_pretrained"
-        )
+        raise PathNotFoundError(f"no model folder at {base!r}: `base` must be a local folder written by save_pretrained")
+    if not dataset.is_file():
+        raise PathNotFoundError(f"no text file at {str(dataset)!r}: `dataset` must be a .txt or .jsonl file")
     check_output(out, overwrite=overwrite, keyword="out")
     t0 = time.perf_counter()
     torch.manual_seed(seed)

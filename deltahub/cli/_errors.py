@@ -9,6 +9,7 @@ never speaks Python.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -46,7 +47,8 @@ EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode(7, "Hub authentication: a missing, invalid or read-only token", (E.HubAuthError,)),
     ExitCode(8, "Hub unreachable or failing (offline without a cached copy, a server error)",
              (E.HubConnectionError, E.HubError)),
-    ExitCode(9, "out of disk space", (E.OutOfSpaceError,)),
+    ExitCode(9, "the output cannot be written: out of disk space, a read-only filesystem, a file-size limit",
+             (E.OutOfSpaceError, E.OutputNotWritableError)),
     ExitCode(10, "an optional package is missing (the message says what to install)", (E.MissingExtraError,)),
     ExitCode(11, "other deltahub errors (e.g. a revert that would not restore the base)", (E.DeltahubError,)),
     ExitCode(1, "an unexpected error (a bug: please report it with DELTAHUB_DEBUG=1's traceback)",
@@ -55,7 +57,14 @@ EXIT_CODES: tuple[ExitCode, ...] = (
 INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 
+# What the OS says when an output cannot be written, raised by a library underneath (an extract's save, say):
+# the same kind as OutOfSpaceError and OutputNotWritableError, not a bug.
+_UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
 def exit_code(err: BaseException) -> int:
+    if isinstance(err, OSError) and not isinstance(err, E.DeltahubError) and err.errno in _UNWRITABLE:
+        return 9
     for entry in EXIT_CODES:
         if isinstance(err, entry.catches):
             return entry.code
@@ -112,6 +121,8 @@ def _one_line(err: BaseException) -> str:
         text = f"internal error: {type(err).__name__}: {text} (set {DEBUG_ENV}=1 for the traceback and report it)"
     elif isinstance(err, OSError) and not isinstance(err, E.DeltahubError) and err.filename and err.strerror:
         text = f"{err.strerror}: {err.filename}"
+    elif isinstance(err, OSError) and err.strerror:  # OutOfSpaceError & co: the message, not "[Errno 28] ..."
+        text = err.strerror
     return text
 
 

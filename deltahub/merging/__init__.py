@@ -28,7 +28,6 @@ How it streams (see ``docs/merge.md``):
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -52,7 +51,7 @@ from .base import MARKER, BaseFiles, resolve_model
 from .card import model_card
 from .config import CONFIG_NAME, DeltaEntry, MergeConfig
 from .plan import DeltaInfo, MergePlan, MergeResult, shard_layout
-from .write import combined, copy_extras, index, make_tmp, remove_stale, space_error, write_shards
+from .write import combined, copy_extras, index, make_tmp, remove_stale, space_error, write_error, write_shards
 
 __all__ = ["DeltaEntry", "MergeConfig", "MergePlan", "MergeResult", "OutOfSpaceError", "merge", "model_card", "resolve_model"]
 
@@ -152,12 +151,15 @@ def merge(
             if len(delta_list) > 1:
                 plan.overlap = overlap_inputs(inputs)
             return MergeResult(plan, None)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(out)
-        free = shutil.disk_usage(out.parent).free
-        if free < plan.total_size:
-            raise space_error(out, plan.total_size, free)
-        tmp = make_tmp(out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(out)
+            free = shutil.disk_usage(out.parent).free
+            if free < plan.total_size:
+                raise space_error(out, plan.total_size, free)
+            tmp = make_tmp(out)
+        except OSError as err:
+            raise write_error(out, plan.total_size, err) from err
         try:
             nnz = write_shards(base_files, plan, tmp, delta_list, weight_list, progress)
             if len(shards) > 1:
@@ -172,9 +174,10 @@ def merge(
             install_folder(tmp, out, overwrite)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            if err.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(err, OutOfSpaceError):
-                raise space_error(out, plan.total_size, None, err) from err
-            raise
+            mapped = write_error(out, plan.total_size, err)
+            if mapped is err:
+                raise
+            raise mapped from err
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

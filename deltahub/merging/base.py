@@ -67,19 +67,13 @@ def resolve_model(ref: str | os.PathLike) -> tuple[Path, str, str | None]:
             "'org/name' or 'org/name@revision'"
         )
     repo_id, revision = parse_ref(text)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from ..hub import fetch_snapshot
 
-    try:
-        folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS)
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"cannot download the model {text!r} from the Hub: {first}. Check the id and revision (and "
-            "HF_TOKEN for a private repo), or pass a local folder"
-        ) from err
-    # Snapshot folders are named by commit: the exact revision for the model card.
-    return Path(folder), repo_id, Path(folder).name
+    # The same guarded download as a delta's pull: one-line HubErrors, nothing written outside the cache.
+    folder, commit = fetch_snapshot(
+        repo_id, revision, allow_patterns=HUB_PATTERNS, action="download the model"
+    )
+    return folder, repo_id, commit
 
 
 @dataclass(frozen=True)
