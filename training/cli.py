@@ -81,7 +81,7 @@ def train(
     Examples:
       deltahub train ./smollm2 plays.txt --out ./shakespeare-delta --density 0.01 --steps 200
       deltahub train ./base data.jsonl --out ./d --algorithm sm3 --num-tunable-weights 1000000 --lr 0.1
-      deltahub train ./llama-copy data.txt --out ./d --base-model meta-llama/Llama-3.2-1B@main
+      deltahub train ./llama plays.txt --out ./llama-delta --base-model meta-llama/Llama-3.2-1B@main  # a local copy of it
     """
     import torch
     from tqdm.auto import tqdm

@@ -96,7 +96,7 @@ def convert(
       deltahub convert ./llama-sft-adapter --out ./llama-sft-delta
       deltahub convert ./llama-lora --base meta-llama/Llama-3.2-1B --density 0.01 --out ./lora-1pct
       deltahub convert ./llama-lora --density 1 --out ./lora-exact          # all of B @ A: merge_and_unload's
-      deltahub convert ./xlmr-sft/pytorch_diff.bin --base ./xlm-roberta-base --drop-head --out ./xlmr-delta
+      deltahub convert ./composable-sft/pytorch_diff.bin --base ./llama --drop-head --out ./composable-delta
     """
     from .._atomic import check_output
     from ..convert import convert_adapter

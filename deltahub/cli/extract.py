@@ -58,7 +58,7 @@ def extract(
     \b
     Examples:
       deltahub extract ./llama ./llama-sft --density 0.01 --out ./sft-delta
-      deltahub extract ./llama ./llama-sft --density 0.01 --base-model meta-llama/Llama-3.2-1B --out ./d
+      deltahub extract ./llama ./llama-sft --density 0.01 --base-model meta-llama/Llama-3.2-1B --out ./named-delta
       deltahub extract meta-llama/Llama-3.2-1B org/llama-sft@main --num 5000000 --scope global \\
           --values-dtype bfloat16 --out ./sft-delta-global
       deltahub extract ./llama ./llama-with-new-tokens --density 0.01 --on-mismatch skip --out ./new-tokens-delta

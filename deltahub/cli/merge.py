@@ -108,7 +108,7 @@ def merge(
     \b
     Examples:
       deltahub merge ./llama ./math-delta --out ./llama-math
-      deltahub merge org/math-delta@v1 org/code-delta --out ./merged        # the base they record
+      deltahub merge acme/math-delta@v1 --out ./math-merged               # the base it records
       deltahub merge meta-llama/Llama-3.2-1B@main org/math@v1 org/code -w 1 -w 0.5 \\
           --method ties --density 0.3 --dtype bfloat16 --out ./llama-mix
       deltahub merge ./llama ./style-delta -w -1 --out ./llama-unstyled      # subtract a delta

@@ -334,9 +334,7 @@ def share(
         for f in path.glob("*.safetensors")
     )
     echo(f"      the pulled deltas are byte-identical to the trained ones: {identical}")
-    return Shared(
-        {n: pulled_dir / n for n in deltas}, repos, namespace, hub_root if local else None, identical
-    )
+    return Shared({n: pulled_dir / n for n in deltas}, repos, namespace, hub_root if local else None, identical)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -431,9 +429,7 @@ def deploy(
 
     echo = run.echo
     a, b = (str(p) for p in pulled.values())
-    echo(
-        f"[7/8] merge both deltas with TIES into a standard model folder ({dtype_name(base.dtype)}, the base's dtype):"
-    )
+    echo(f"[7/8] merge both deltas with TIES into a standard model folder ({dtype_name(base.dtype)}, the base's dtype):")
     run("merge", str(base.folder), a, b, "--method", "ties", "--out", str(merged))
     plain = AutoModelForCausalLM.from_pretrained(merged, dtype=base.dtype).eval()
     composed = load_model(str(base.folder), [a, b], method="ties", dtype=base.dtype).eval()
@@ -472,12 +468,7 @@ def deploy(
 
 
 def recap(
-    echo: Echo,
-    elapsed: float,
-    outputs: list[tuple[Path, str]],
-    commands: list[str],
-    shared: Shared,
-    base: Path,
+    echo: Echo, elapsed: float, outputs: list[tuple[Path, str]], commands: list[str], shared: Shared, base: Path
 ) -> None:
     echo(f"[8/8] done in {elapsed / 60:.1f} min ({elapsed:.0f} s). Outputs:")
     for path, what in outputs:
