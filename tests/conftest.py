@@ -20,11 +20,13 @@ would with HF_ENDPOINT set in a user's shell.
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import HfApi, constants
 
 from deltahub.demo.localhub import HubServer
@@ -32,6 +34,28 @@ from deltahub.demo.localhub import HubServer
 HUB_USER, HUB_TOKEN = "alice", "hf_test_alice_0123456789"
 HUB_OTHER_USER, HUB_OTHER_TOKEN = "bob", "hf_test_bob_0123456789"
 HUB_ORG = "deltahub-org"
+
+
+def pytest_configure(config):
+    # Triton's interpreter runs the GPU kernels on CPU tensors, but only if TRITON_INTERPRET is set before triton
+    # is first imported (transformers imports it with its models, at collection). Where there is a GPU, the
+    # cuda tier runs the compiled kernels instead and the interpreter stays off.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """Run Triton kernels on CPU tensors through Triton's interpreter; skip where it cannot (triton missing, or
+    a GPU machine, where the cuda tier runs the compiled kernels)."""
+    from training import sddmm
+
+    problem = sddmm.triton_unavailable()
+    if problem is None:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        problem = sddmm.interpreter_problem()
+    if problem:
+        pytest.skip(f"the Triton kernel {problem}")
 
 
 @pytest.fixture(autouse=True)

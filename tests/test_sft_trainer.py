@@ -27,7 +27,9 @@ class Sequences(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def make_trainer(out, algorithm="rigl", max_steps=12, save_steps=6, grad_acc=1, density=0.03, lr=1e-2):
+def make_trainer(
+    out, algorithm="rigl", max_steps=12, save_steps=6, grad_acc=1, density=0.03, lr=1e-2, use_cpu=True
+):
     args = TrainingArguments(
         output_dir=str(out),
         max_steps=max_steps,
@@ -39,7 +41,7 @@ def make_trainer(out, algorithm="rigl", max_steps=12, save_steps=6, grad_acc=1, 
         logging_steps=100,
         report_to=[],
         disable_tqdm=True,
-        use_cpu=True,
+        use_cpu=use_cpu,
         seed=0,
         data_seed=0,
         dataloader_num_workers=0,

@@ -40,6 +40,18 @@ import click
 @click.option("--dtype", default=None, help="Load the base in this dtype (default: as saved).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where to train: auto (CUDA when there is a GPU, else CPU), cpu, cuda or cuda:N.",
+)
+@click.option("--bf16", is_flag=True, help="Compute in bfloat16 (torch.autocast); the weights keep --dtype.")
+@click.option(
+    "--gradient-checkpointing",
+    is_flag=True,
+    help="Recompute activations in the backward pass: less memory, ~30% more compute.",
+)
+@click.option(
     "--base-model",
     metavar="ID[@REV]",
     help="The base's Hub id (and revision) to record in the delta, e.g. when BASE is a local copy of it "
@@ -69,6 +81,9 @@ def train(
     text_field,
     dtype,
     seed,
+    device,
+    bf16,
+    gradient_checkpointing,
     base_model,
     overwrite,
     quiet,
@@ -81,6 +96,7 @@ def train(
     Examples:
       deltahub train ./smollm2 plays.txt --out ./shakespeare-delta --density 0.01 --steps 200
       deltahub train ./base data.jsonl --out ./d --algorithm sm3 --num-tunable-weights 1000000 --lr 0.1
+      deltahub train ./base data.txt --out ./d --device cuda --bf16 --gradient-checkpointing
       deltahub train ./llama plays.txt --out ./llama-delta --base-model meta-llama/Llama-3.2-1B@main  # a local copy of it
     """
     import torch
@@ -121,6 +137,7 @@ def train(
     if not dataset.is_file():
         raise PathNotFoundError(f"no text file at {str(dataset)!r}: `dataset` must be a .txt or .jsonl file")
     check_output(out, overwrite=overwrite, keyword="out")
+    device = resolve_device(device)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -132,7 +149,13 @@ def train(
         if dtype
         else {}
     )
-    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(base, **kwargs).to(device)
+    if gradient_checkpointing:
+        model.config.use_cache = False
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_sft_model(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
     if algorithm == "sm3":
@@ -141,27 +164,34 @@ def train(
         optimizer = SftAdamW(params, lr=lr or 1e-3, weight_decay=weight_decay)
     selector = SftSelector(model, optimizer, total_update_steps=steps, grad_accumulation_steps=grad_accum)
 
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return model(input_ids=batch, labels=batch).loss
+
     def held_out_loss() -> float:
         model.eval()
         with torch.no_grad():
-            losses = [model(input_ids=b, labels=b).loss.item() for b in eval_blocks.split(batch_size)]
+            losses = torch.stack([loss_of(b).float() for b in eval_blocks.split(batch_size)])
         model.train()
-        return sum(losses) / len(losses)
+        return losses.mean().item()
 
     before = held_out_loss()
     gen = torch.Generator().manual_seed(seed)
     model.train()
     bar = tqdm(range(steps), desc="sparse fine-tuning", disable=quiet or None, unit="step")
-    for _ in bar:
+    for step in bar:
         for _ in range(grad_accum):
-            batch = train_blocks[torch.randint(0, len(train_blocks), (batch_size,), generator=gen)]
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = loss_of(train_blocks[torch.randint(0, len(train_blocks), (batch_size,), generator=gen)])
             (loss / grad_accum).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         selector.step()
-        if math.isfinite(loss.item()):
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        # Reading the loss waits for the device: only as often as the bar redraws, never when it is off.
+        if not bar.disable and (step % 10 == 0 or step == steps - 1):
+            value = loss.item()
+            if math.isfinite(value):
+                bar.set_postfix(loss=f"{value:.3f}")
     after = held_out_loss()
     delta = model.to_delta(base_model=base_model)
     if delta.base_model in (None, ""):
@@ -172,3 +202,32 @@ def train(
         f"({delta.nnz / sum(p.numel() for p in model.parameters()):.3%} of the model) in {len(delta)} weights; "
         f"{steps} steps in {time.perf_counter() - t0:.1f} s -> {out}"
     )
+
+
+def resolve_device(spec: str):
+    """``--device``: ``auto`` (CUDA when a GPU is visible, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    import torch
+
+    from .errors import SftConfigError
+
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kind, _, number = spec.partition(":")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if kind != "cuda" or (number and not number.isdigit()):
+        raise SftConfigError(
+            f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N (e.g. cuda:1)"
+        )
+    if not torch.cuda.is_available():
+        raise SftConfigError(
+            f"--device {spec} needs a CUDA GPU, but torch sees none (torch {torch.__version__}, CUDA build: "
+            f"{torch.version.cuda or 'no'}); use --device cpu, or install a CUDA build of torch"
+        )
+    count = torch.cuda.device_count()
+    if number and int(number) >= count:
+        raise SftConfigError(
+            f"--device {spec}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        )
+    return torch.device(spec)

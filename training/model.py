@@ -16,6 +16,7 @@ import deltahub
 from deltahub import ParamDelta, SparseDelta
 from deltahub.fingerprint import fingerprint_of
 
+from . import sddmm
 from .config import SftConfig
 from .errors import SftConfigError, SftStateError
 from .layer import SftLayerMixin, attach, detach, layer_classes
@@ -144,6 +145,7 @@ def get_sft_model(model: nn.Module, config: SftConfig) -> nn.Module:
         raise TypeError(f"config must be an SftConfig; got {type(config).__name__}")
     targets = find_targets(model, config.target_modules)
     ks = budget(model, targets, config)
+    sddmm.check(next(iter(targets.values())).weight.device)  # a DELTAHUB_SDDMM_KERNEL that cannot run here
     names = {name: f"{name}.weight" for name in targets}
     fingerprint = fingerprint_of({names[n]: m.weight for n, m in targets.items()})
     for p in model.parameters():
@@ -186,10 +188,16 @@ def active_deltas(model: nn.Module) -> Iterator[tuple[str, str, ActiveDelta]]:
         yield name.removesuffix(".weight"), name, delta
 
 
-def to_delta(model: nn.Module, *, base_model: str | None = None) -> SparseDelta:
+def to_delta(
+    model: nn.Module, *, device: torch.device | str | None = "cpu", base_model: str | None = None
+) -> SparseDelta:
     """What the model learned, as a ``deltahub.SparseDelta`` (positions sorted, values in ``values_dtype``)
     with the base's identity and fingerprint and the training provenance. ``deltahub.apply_deltas`` on a fresh
     copy of the base reproduces this model exactly.
+
+    Sorting and casting run where the model is; ``device`` is where the result goes: the CPU by default (where
+    files, the Hub and other deltas are), ``None`` to keep it on the model's device (to apply it to another
+    model there without a round trip through the host).
 
     Args:
         base_model: the base's Hub id ``"org/name[@rev]"`` to record. Default: what ``from_pretrained`` was
@@ -203,10 +211,10 @@ def to_delta(model: nn.Module, *, base_model: str | None = None) -> SparseDelta:
     params = {}
     for name, layer in prepared_layers(model).items():
         order = torch.argsort(layer.sft_indices)
-        values = layer.sft_values.detach()[order].to(config.values_dtype).cpu()
-        params[name] = ParamDelta(
-            layer.sft_indices[order].cpu(), values, tuple(layer.weight.shape), layer.weight.dtype
-        )
+        indices, values = layer.sft_indices[order], layer.sft_values.detach()[order].to(config.values_dtype)
+        if device is not None:
+            indices, values = indices.to(device), values.to(device)
+        params[name] = ParamDelta(indices, values, tuple(layer.weight.shape), layer.weight.dtype)
     hf_config = getattr(model, "config", None)
     if base_model is not None:
         base_id, base_revision = parse_model_id(base_model)
