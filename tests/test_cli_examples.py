@@ -3,7 +3,7 @@ examples name them and a loopback Hub holding the repos they mention. An example
 renamed flag, a removed option, a value the verb now refuses) fails here.
 
 Not executable here, so only parsed by the verb's own option parser: ``deltahub demo`` on SmolLM2 (minutes and
-its own packages) and the demo pointed at huggingface.co (the network).
+its own packages), the demo pointed at huggingface.co (the network) and training on ``--device cuda`` (a GPU).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from deltahub.cli import main
 from deltahub.demo.localhub import HubServer
 
 VERBS = ["train", "push", "pull", "merge", "inspect", "extract", "convert", "demo"]
-PARSE_ONLY = ("deltahub demo --model", "--hub-endpoint https://huggingface.co")
+# `--device cuda` needs a GPU, which CI has not: parsed only.
+PARSE_ONLY = ("deltahub demo --model", "--hub-endpoint https://huggingface.co", "--device cuda")
 TOKEN = "hf_examples_token_0123456789"
 # Budgets the examples give for real models, scaled to the tiny fixtures (18k weights in the targeted modules).
 SCALED = {"--num-tunable-weights 1000000": "--num-tunable-weights 1000", "--num 5000000": "--num 5000"}
