@@ -14,6 +14,7 @@ from .errors import (
     ArgumentTypeError,
     BaseMismatchError,
     CheckpointError,
+    ConversionError,
     DeltaExistsError,
     DeltaFormatError,
     DeltahubError,
@@ -32,6 +33,7 @@ from .errors import (
     OutOfSpaceError,
     PathNotFoundError,
     RevertError,
+    UnconvertedAdapterError,
     UnknownMethodError,
 )
 
@@ -45,11 +47,11 @@ _LAZY = {
     "as_tensor_source": "checkpoint",
     "ParamDelta": "delta",
     "SparseDelta": "delta",
+    "convert_adapter": "convert",
     "extract_delta": "extract",
-    "load_delta": "format",
+    "load_delta": "loading",
     "save_delta": "format",
     "PushResult": "hub",
-    "load_hub_delta": "hub",
     "parse_delta_ref": "hub",
     "pull_delta": "hub",
     "push_delta": "hub",
@@ -70,10 +72,12 @@ _LAZY = {
 if TYPE_CHECKING:
     from .apply import AppliedDeltas, apply_deltas, load_model
     from .checkpoint import Checkpoint, as_tensor_source
+    from .convert import convert_adapter
     from .delta import ParamDelta, SparseDelta
     from .extract import extract_delta
-    from .format import load_delta, save_delta
-    from .hub import PushResult, load_hub_delta, parse_delta_ref, pull_delta, push_delta
+    from .format import save_delta
+    from .hub import PushResult, parse_delta_ref, pull_delta, push_delta
+    from .loading import load_delta
     from .merging import MergeConfig, MergePlan, MergeResult, merge
     from .methods import MethodOption, MethodSpec, available_methods, combine, get_method, register_method
     from .overlap import OverlapReport, overlap_report
@@ -100,6 +104,7 @@ __all__ = [
     "BaseMismatchError",
     "Checkpoint",
     "CheckpointError",
+    "ConversionError",
     "DeltaExistsError",
     "DeltaFormatError",
     "DeltahubError",
@@ -127,16 +132,17 @@ __all__ = [
     "PushResult",
     "RevertError",
     "SparseDelta",
+    "UnconvertedAdapterError",
     "UnknownMethodError",
     "__version__",
     "apply_deltas",
     "as_tensor_source",
     "available_methods",
     "combine",
+    "convert_adapter",
     "extract_delta",
     "get_method",
     "load_delta",
-    "load_hub_delta",
     "load_model",
     "merge",
     "overlap_report",

@@ -22,10 +22,10 @@ from ._tensors import check_tied, storage_key, tied_groups
 from .basecheck import BaseView, _TensorsView, check_base, common_base
 from .checkpoint import StoredTensor, file_mappings, is_mapped_at, read_elements, stored_tensors
 from .delta import ParamDelta, SparseDelta
-from .errors import ArgumentTypeError, CheckpointError, InvalidArgumentError, RevertError
+from .errors import ArgumentTypeError, CheckpointError, InvalidArgumentError, PathNotFoundError, RevertError
 from .fingerprint import sample_positions
-from .methods import _resolve_weights, combine, combine_param, get_method, resolve_options
-from .sources import DeltaSource, resolve_deltas
+from .inputs import DeltaInputs, DeltaSource, validate_inputs
+from .methods import combine_inputs, combine_param, get_method
 
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -218,11 +218,12 @@ class AppliedDeltas:
             the combination of more than one parameter at a time).
     """
 
-    def __init__(self, deltas, weights, method, options, saved: dict[str, _Saved]):
-        self.deltas: list[SparseDelta] = deltas
-        self.weights: list[float] = weights
-        self.method: str = method
-        self.options: dict[str, Any] = options
+    def __init__(self, inputs: DeltaInputs, saved: dict[str, _Saved]):
+        self.deltas: list[SparseDelta] = list(inputs.deltas)
+        self.weights: list[float] = list(inputs.weights)
+        self.method: str = inputs.method
+        self.options: dict[str, Any] = dict(inputs.options)
+        self._inputs = inputs
         self._saved = saved
         self._combined: SparseDelta | None = None
         self.active = True
@@ -230,7 +231,7 @@ class AppliedDeltas:
     @property
     def combined(self) -> SparseDelta:
         if self._combined is None:
-            self._combined = combine(self.deltas, self.weights, self.method, **self.options)
+            self._combined = combine_inputs(self._inputs)
         return self._combined
 
     @property
@@ -285,52 +286,47 @@ class AppliedDeltas:
 def apply_deltas(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     deltas: DeltaSource | Sequence[DeltaSource],
+    *,
     weights: Sequence[float] | None = None,
     method: str = "sum",
+    method_options: Mapping[str, Any] | None = None,
     force: bool = False,
-    **method_options: Any,
 ) -> AppliedDeltas:
     """Add the combination of ``deltas`` to a model's (or state dict's) tensors in place.
 
     Args:
         model_or_state_dict: a ``torch.nn.Module`` (any device, any floating dtype) or a ``{name: tensor}`` dict.
-        deltas: one or more SparseDelta objects or delta folders/files.
+        deltas: one or more SparseDelta objects, delta folders or files, or Hub ids ``org/name[@rev]``.
         weights: one per delta (default 1.0); negative subtracts.
         method: a combination method (``deltahub.methods.available_methods()``); ``sum`` is task arithmetic.
-        force: skip the base fingerprint check (names and shapes are always checked).
-        **method_options: options of the method, e.g. ``density=0.5`` for ``ties``.
+        method_options: the method's options, e.g. ``{"density": 0.5}`` for ``ties``.
+        force: skip the base fingerprint checks (names and shapes are always checked).
 
     Returns:
         An :class:`AppliedDeltas` handle; ``handle.revert()`` restores the base bit-exactly.
 
     Example:
-        >>> handle = apply_deltas(model, ["./math-delta", "./code-delta"], weights=[1.0, 0.5])
+        >>> handle = apply_deltas(model, ["./math-delta", "acme/code-delta@v1"], weights=[1.0, 0.5])
         >>> handle.revert()
     """
-    spec = get_method(method)
-    spec.resolve(method_options)  # a bad method or option fails before any delta is loaded
-    delta_list, weight_list = resolve_deltas(deltas, weights)
-    return _apply(model_or_state_dict, delta_list, weight_list, method, method_options, force)
+    inputs = validate_inputs(
+        deltas, weights=weights, method=method, method_options=method_options, force=force
+    )
+    return apply_inputs(model_or_state_dict, inputs)
 
 
-def _apply(
-    target: nn.Module | Mapping[str, torch.Tensor],
-    delta_list: list[SparseDelta],
-    weight_list: list[float],
-    method: str,
-    method_options: Mapping[str, Any],
-    force: bool,
+def apply_inputs(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+    inputs: DeltaInputs,
     own: _Owner | None = None,
 ) -> AppliedDeltas:
-    """:func:`apply_deltas` after resolving its inputs. ``own``, when given, replaces each touched tensor just
-    before it is changed (load_model reads it from the checkpoint into fresh memory), so it is still in the
-    CPU's caches when the deltas are added."""
-    spec = get_method(method)
-    options = spec.resolve(method_options)
-    _resolve_weights(delta_list, weight_list)
-    common_base(delta_list)
-    tensors = _target_tensors(target)
-    check_base(delta_list, tensors if own is None else own.view(tensors), force=force)
+    """:func:`apply_deltas` on inputs already checked by :func:`deltahub.inputs.validate_inputs`. ``own``, when
+    given, replaces each touched tensor just before it is changed (load_model reads it from the checkpoint into
+    fresh memory), so it is still in the CPU's caches when the deltas are added."""
+    delta_list, weight_list = list(inputs.deltas), list(inputs.weights)
+    spec, options = get_method(inputs.method), inputs.options
+    tensors = _target_tensors(model_or_state_dict)
+    check_base(delta_list, tensors if own is None else own.view(tensors), force=inputs.force)
     names = list(dict.fromkeys(n for d in delta_list for n in d))
 
     def change_of(name: str) -> ParamDelta:
@@ -357,7 +353,7 @@ def _apply(
             for s in saved.values():
                 _restore(s.tensor, s.pairs)
             raise
-    return AppliedDeltas(delta_list, weight_list, method, dict(method_options), saved)
+    return AppliedDeltas(inputs, saved)
 
 
 class _Owner:
@@ -429,13 +425,13 @@ class _Owner:
 
 
 def load_model(
-    base: str,
+    base: str | os.PathLike[str] | None = None,
     deltas: DeltaSource | Sequence[DeltaSource] = (),
+    *,
     weights: Sequence[float] | None = None,
     method: str = "sum",
-    *,
-    force: bool = False,
     method_options: Mapping[str, Any] | None = None,
+    force: bool = False,
     model_class: Any = None,
     **from_pretrained_kwargs: Any,
 ) -> nn.Module:
@@ -445,25 +441,57 @@ def load_model(
     carries the handle as ``model.applied_deltas`` (call ``model.applied_deltas.revert()`` to get the base back).
 
     Args:
-        base: a local model folder (or Hub id) for ``from_pretrained``.
-        deltas, weights, method, force: as in :func:`apply_deltas`; ``method_options`` holds the method's options.
+        base: a local model folder or Hub id for ``from_pretrained``. None: the base the deltas record (its id
+            and revision, as ``AutoPeftModelForCausalLM`` does), verified against their fingerprints like any.
+        deltas, weights, method, method_options, force: as in :func:`apply_deltas`.
         model_class: the class whose ``from_pretrained`` loads the base (default ``AutoModelForCausalLM``).
         **from_pretrained_kwargs: passed through (``dtype=torch.bfloat16``, ``device_map=...``).
 
     Example:
         >>> model = load_model("./smollm2", ["./shakespeare-delta"], dtype=torch.bfloat16)
+        >>> model = load_model(deltas=["acme/shakespeare-delta@v1"])  # the base it records, from the Hub
     """
-    resolve_options(method, method_options or {})
-    delta_list, weight_list = resolve_deltas(deltas, weights)
+    inputs = validate_inputs(
+        deltas, weights=weights, method=method, method_options=method_options, force=force, allow_empty=True
+    )
+    if base is None:
+        base, revision = recorded_base(inputs.deltas)
+        if revision is not None and from_pretrained_kwargs.setdefault("revision", revision) != revision:
+            raise InvalidArgumentError(
+                f"revision={from_pretrained_kwargs['revision']!r} conflicts with the revision {revision!r} "
+                f"the deltas record for their base {base}; pass base= explicitly"
+            )
     if model_class is None:
         from transformers import AutoModelForCausalLM
 
         model_class = AutoModelForCausalLM
     model = model_class.from_pretrained(base, **from_pretrained_kwargs)
     handle = None
-    if delta_list:
-        handle = _apply(
-            model, delta_list, weight_list, method, method_options or {}, force, _Owner(model, base)
-        )
+    if inputs.deltas:
+        handle = apply_inputs(model, inputs, _Owner(model, base))
     model.applied_deltas = handle
     return model
+
+
+def recorded_base(deltas: Sequence[SparseDelta]) -> tuple[str, str | None]:
+    """The base the deltas record (``common_base``'s choice: a Hub id first), for loading it by name.
+
+    Raises:
+        ValueError: no delta records a base, or the one recorded is a local path that does not exist here.
+    """
+    if not deltas:
+        raise InvalidArgumentError("load_model needs a base, or deltas that record theirs")
+    base = common_base(deltas, force=True)  # which name to load; the fingerprints are checked after loading
+    name, revision = base["base_model"], base["base_revision"]
+    if not name:
+        raise InvalidArgumentError(
+            "none of the deltas records its base model; pass base= (a model folder or a Hub id 'org/name')"
+        )
+    from .identity import is_hub_id
+
+    if not is_hub_id(name) and not os.path.exists(name):
+        raise PathNotFoundError(
+            f"the deltas record their base as {name!r}, a local path that does not exist here; pass base= (a "
+            "model folder or a Hub id 'org/name')"
+        )
+    return name, revision

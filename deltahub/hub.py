@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ from .errors import (
 from .format import load_delta, save_delta
 from .format.spec import CARD_FILE, CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from .hub_ids import check_repo_id, is_ref, parse_ref
+from .publish import check_no_local_paths, existing_card_metadata, scrub_for_upload
 
 # What a delta repo may hold that deltahub reads or writes. Shards follow `spec.SHARD_PATTERN`.
 DELTA_FILE_PATTERNS = [CONFIG_FILE, SINGLE_FILE, INDEX_FILE, "delta-*-of-*.safetensors", CARD_FILE]
@@ -65,6 +67,7 @@ class PushResult:
         sha: the new commit's sha (with ``create_pr``, the commit on the pull request's ref).
         url: the commit's URL.
         pr_url: the pull request's URL when ``create_pr=True``, else None.
+        notes: one line per thing left out of the pushed files (a local path as the base, say).
     """
 
     repo_id: str
@@ -72,6 +75,7 @@ class PushResult:
     sha: str
     url: str
     pr_url: str | None = None
+    notes: tuple[str, ...] = ()
 
 
 # The Hub's naming rules live in hub_ids; these two names are the public spelling of its helpers.
@@ -294,18 +298,19 @@ def _delta_files(folder: Path) -> list[str]:
     return [CONFIG_FILE, SINGLE_FILE]
 
 
-def _card_text(folder: Path, delta: SparseDelta, repo_id: str, license: str | None) -> str:
-    """The card to push: the folder's own README when the user wrote one, else one that names this repo.
+def _own_card(folder: Path, original: SparseDelta, license: str | None) -> bytes | None:
+    """The folder's README when the user wrote it (pushed as is), else None (push generates the card).
 
-    A README equal to what :func:`save_delta` generates says ``deltas=['path/to/this-delta']``; the pushed
-    one should say ``deltas=['org/name']`` instead. A hand-edited README is the author's and is kept as is.
+    A README equal to what :func:`save_delta` generated says ``deltas=['path/to/this-delta']``; the pushed one
+    should say ``deltas=['org/name']`` instead, name the base by id and carry the Hub card's metadata over. A
+    hand-edited README is the author's and is kept as is, unless ``license`` asks for a regenerated one.
     """
     card = folder / CARD_FILE
     if license is None and card.is_file():
         text = card.read_text(encoding="utf-8")
-        if text != model_card(delta):
-            return text
-    return model_card(delta, location=repo_id, license=license)
+        if text != model_card(original):
+            return text.encode("utf-8")
+    return None
 
 
 def _ensure_branch(api, repo_id: str, branch: str) -> None:
@@ -331,6 +336,8 @@ def push_delta(
     token: str | bool | None = None,
     endpoint: str | None = None,
     license: str | None = None,
+    base_model: str | None = None,
+    keep_card_metadata: bool = True,
 ) -> PushResult:
     """Upload a delta to a Hub repo in one commit, creating the repo (and the branch) if needed.
 
@@ -349,10 +356,18 @@ def push_delta(
         create_pr: open a pull request with the commit instead of committing to the branch.
         token: a Hub token; ``None`` uses huggingface_hub's lookup (``HF_TOKEN``, ``hf auth login``).
         endpoint: the Hub URL; ``None`` uses ``HF_ENDPOINT`` (default ``https://huggingface.co``).
-        license: a license id for the card's front matter (regenerates the card).
+        license: a license id for the card's metadata (regenerates a hand-written card).
+        base_model: the base's Hub id ``"org/name[@rev]"``, recorded in every pushed file instead of what the
+            delta records (a local path, say).
+        keep_card_metadata: carry over metadata the card already on the Hub has (license, extra tags,
+            datasets...) into the regenerated card; ``license``, ``base_model`` and deltahub's tags still win.
+
+    No local filesystem path is ever uploaded: a ``base_model`` that is a local path is replaced by
+    ``base_model=``, an HF-cache snapshot path by its repo id and commit, else dropped; local paths in the
+    provenance are dropped too. Each drop is one line in ``PushResult.notes`` (and a warning).
 
     Returns:
-        A :class:`PushResult` with the commit's ``sha`` and ``url``.
+        A :class:`PushResult` with the commit's ``sha`` and ``url``, and ``notes``.
 
     Raises:
         DeltaFormatError: the folder is not a valid delta (nothing was uploaded).
@@ -382,13 +397,27 @@ def push_delta(
                     f"no delta folder at {os.fspath(delta_or_folder)!r}: push_delta takes a folder written by "
                     "save_delta, or a SparseDelta"
                 )
+            from .convert.detect import unconverted_error
+
+            problem = unconverted_error(folder)
+            if problem is not None:
+                raise problem  # an adapter of another tool: say `deltahub convert`, not "no delta_config.json"
             delta = load_delta(folder)  # validate before anything leaves the machine
         else:
             raise ArgumentTypeError(
                 f"push_delta takes a SparseDelta or a folder; got {type(delta_or_folder).__name__}"
             )
-        files = _delta_files(folder)
-        card = _card_text(folder, delta, repo_id, license).encode("utf-8")
+        outgoing = scrub_for_upload(delta, folder, Path(tmp), base_model=base_model)
+        for note in outgoing.notes:
+            warnings.warn(f"push to {repo_id}: {note}", UserWarning, stacklevel=2)
+        files = _delta_files(outgoing.folder)
+        own_card = _own_card(folder, delta, license)
+        folder = outgoing.folder
+        # Before anything is sent: the files as they will be uploaded hold no local path.
+        check_no_local_paths(
+            {**({CARD_FILE: own_card} if own_card is not None else {}), **{n: folder / n for n in files}},
+            outgoing.local_paths,
+        )
         message = commit_message or (
             f"Upload sparse delta ({len(delta)} parameters, {delta.nnz:,} nonzeros) with deltahub {__version__}"
         )
@@ -406,6 +435,13 @@ def push_delta(
                     repo_id=repo_id,
                     revision=branch,
                 )
+            if own_card is not None:
+                card = own_card
+            else:
+                metadata = existing_card_metadata(info) if keep_card_metadata else {}
+                card = model_card(
+                    outgoing.delta, location=repo_id, license=license, metadata=metadata
+                ).encode()
             keep = {*files, CARD_FILE}
             ops: list = [
                 CommitOperationAdd(path_in_repo=name, path_or_fileobj=folder / name) for name in files
@@ -430,6 +466,7 @@ def push_delta(
         sha=commit.oid,
         url=commit.commit_url,
         pr_url=commit.pr_url,
+        notes=tuple(outgoing.notes),
     )
 
 
@@ -596,37 +633,3 @@ def pull_delta(
         endpoint=endpoint,
     )
     return folder if out is None else _copy_out(folder, out, overwrite)
-
-
-def load_hub_delta(
-    ref: str,
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    token: str | bool | None = None,
-    local_files_only: bool = False,
-    endpoint: str | None = None,
-) -> SparseDelta:
-    """Pull and load a delta from the Hub: ``ref`` is ``"org/name"`` or ``"org/name@revision"``.
-
-    The result's ``origin`` is ``{"repo_id", "revision", "commit": <resolved sha>, "path": <cache folder>}``,
-    so what was loaded can be pinned later with ``org/name@<commit>``.
-
-    Example:
-        >>> load_hub_delta("acme/math-delta@v1").origin["commit"]
-        '3f2a...'
-    """
-    repo_id, ref_revision = parse_delta_ref(ref)
-    if revision is not None and ref_revision is not None and revision != ref_revision:
-        raise InvalidArgumentError(
-            f"two revisions for {repo_id}: {ref_revision!r} in {ref!r} and revision={revision!r}"
-        )
-    _, delta = _snapshot(
-        repo_id,
-        revision or ref_revision,
-        cache_dir=cache_dir,
-        token=token,
-        local_files_only=local_files_only,
-        endpoint=endpoint,
-    )
-    return delta

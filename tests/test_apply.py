@@ -40,7 +40,7 @@ def test_apply_matches_dense_reference_within_one_ulp(dtype):
     base = snapshot(model)
     deltas = [random_delta(model, 0.1, seed=s) for s in range(3)]
     weights = [1.0, -0.5, 2.0]
-    apply_deltas(model, deltas, weights)
+    apply_deltas(model, deltas, weights=weights)
     after = model.state_dict()
     touched = set().union(*deltas)
     for name, w in base.items():
@@ -80,7 +80,7 @@ def test_weights_one_and_minus_one_give_back_the_base_bit_exactly(dtype):
     model = tiny_llama(dtype)
     base = snapshot(model)
     d = random_delta(model, 0.3, seed=4, scale=1.0)
-    apply_deltas(model, [d, d], [1.0, -1.0])
+    apply_deltas(model, [d, d], weights=[1.0, -1.0])
     assert_bit_identical(model, base)
 
 
@@ -93,7 +93,7 @@ def test_revert_is_bit_exact_after_stacking_three_deltas(dtype):
         h.revert()
     assert_bit_identical(model, base)
     # one call with three deltas reverts the same way
-    h = apply_deltas(model, [random_delta(model, 0.2, seed=s) for s in range(3)], [0.3, 1.0, -2.0])
+    h = apply_deltas(model, [random_delta(model, 0.2, seed=s) for s in range(3)], weights=[0.3, 1.0, -2.0])
     h.revert()
     assert_bit_identical(model, base)
 
@@ -271,7 +271,7 @@ def test_missing_and_misshapen_parameters_refused_even_with_force():
 def test_weights_must_pair_with_deltas():
     model = tiny_llama()
     with pytest.raises(ValueError, match="got 2 weights for 1 deltas"):
-        apply_deltas(model, [random_delta(model)], [1.0, 2.0])
+        apply_deltas(model, [random_delta(model)], weights=[1.0, 2.0])
 
 
 def test_load_model_applies_saved_deltas_at_load_time(tmp_path):
@@ -280,7 +280,7 @@ def test_load_model_applies_saved_deltas_at_load_time(tmp_path):
     d1, d2 = random_delta(model, 0.1, seed=1, scale=0.3), random_delta(model, 0.1, seed=2, scale=0.3)
     save_delta(d1, tmp_path / "d1")
     loaded = load_model(str(tmp_path / "base"), [tmp_path / "d1", d2], weights=[1.0, -0.5])
-    apply_deltas(model, [d1, d2], [1.0, -0.5])
+    apply_deltas(model, [d1, d2], weights=[1.0, -0.5])
     x = tokens()
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)

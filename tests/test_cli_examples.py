@@ -3,7 +3,7 @@ examples name them and a loopback Hub holding the repos they mention. An example
 renamed flag, a removed option, a value the verb now refuses) fails here.
 
 Not executable here, so only parsed by the verb's own option parser: ``deltahub demo`` on SmolLM2 (minutes and
-its own packages) and the demo pointed at huggingface.co (the network).
+its own packages), the demo pointed at huggingface.co (the network) and training on ``--device cuda`` (a GPU).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import deltahub
 from deltahub.cli import main
 from deltahub.demo.localhub import HubServer
 
-VERBS = ["train", "push", "pull", "merge", "inspect", "extract", "demo"]
-PARSE_ONLY = ("deltahub demo --model", "--hub-endpoint https://huggingface.co")
+VERBS = ["train", "push", "pull", "merge", "inspect", "extract", "convert", "demo"]
+# `--device cuda` needs a GPU, which CI has not: parsed only.
+PARSE_ONLY = ("deltahub demo --model", "--hub-endpoint https://huggingface.co", "--device cuda")
 TOKEN = "hf_examples_token_0123456789"
 # Budgets the examples give for real models, scaled to the tiny fixtures (18k weights in the targeted modules).
 SCALED = {"--num-tunable-weights 1000000": "--num-tunable-weights 1000", "--num 5000000": "--num 5000"}
@@ -75,7 +76,10 @@ def _fixtures(root: Path) -> None:
         "".join(json.dumps({"text": f"a line of text, {i}."}) + "\n" for i in range(300))
     )
     for i, name in enumerate(("math-delta", "style-delta", "a", "b")):
-        deltahub.save_delta(random_delta(base, 0.05, seed=i + 1), root / name)
+        # math-delta names its base by the id the loopback Hub holds it under: `merge acme/math-delta@v1` alone
+        base_model = "meta-llama/Llama-3.2-1B" if name == "math-delta" else "tiny"
+        deltahub.save_delta(random_delta(base, 0.05, seed=i + 1, base_model=base_model), root / name)
+    _adapters(root, base)
     finetuned = tiny_llama(torch.bfloat16)
     with torch.no_grad():
         for p in finetuned.parameters():
@@ -86,6 +90,27 @@ def _fixtures(root: Path) -> None:
     weights = load_file(root / "llama-with-new-tokens" / "model.safetensors")
     weights["model.extra_head.weight"] = torch.zeros(4, 4, dtype=torch.bfloat16)
     save_file(weights, root / "llama-with-new-tokens" / "model.safetensors", metadata={"format": "pt"})
+
+
+def _adapters(root: Path, base) -> None:
+    """What `deltahub convert`'s examples convert: an SFT-fork adapter, a peft LoRA, a composable-sft diff."""
+    from peft import LoraConfig, get_peft_model
+
+    fork = root / "llama-sft-adapter"
+    fork.mkdir()
+    (fork / "adapter_config.json").write_text(json.dumps({"peft_type": "SFT", "base_model_name_or_path": str(root / "llama")}))
+    save_file({"base_model.model.model.layers.0.mlp.up_proj.sft_delta.indices": torch.tensor([9, 2], dtype=torch.int32),
+               "base_model.model.model.layers.0.mlp.up_proj.sft_delta.values": torch.tensor([0.5, -0.5])},
+              str(fork / "adapter_model.safetensors"))  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(root / "llama"),
+                          LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))  # fmt: skip
+    lora.save_pretrained(root / "llama-lora")
+    (root / "composable-sft").mkdir()
+    diff = torch.sparse_coo_tensor(torch.tensor([[0, 3]]), torch.tensor([0.25, -0.25]), size=(32,)).coalesce()
+    torch.save({"body": {"model.norm.weight": diff}, "head": {"lm_head.weight": torch.zeros(64, 32)}},
+               root / "composable-sft" / "pytorch_diff.bin")  # fmt: skip
 
 
 @pytest.mark.slow

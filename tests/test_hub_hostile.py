@@ -16,15 +16,10 @@ import pytest
 import torch
 from hostile_hub import MODES, HostileHub
 
-from deltahub import ParamDelta, SparseDelta
+from deltahub import ParamDelta, SparseDelta, load_delta
 from deltahub.errors import HubAuthError, HubConnectionError, HubError
 from deltahub.format import save_delta
 from deltahub.hub import pull_delta
-
-try:  # until issue 14's one loader lands: then deltahub.load_delta reads Hub ids and load_hub_delta is gone
-    from deltahub.hub import load_hub_delta
-except ImportError:  # pragma: no cover
-    from deltahub import load_delta as load_hub_delta
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +77,7 @@ def test_an_honest_server_is_pulled(hub, env, tmp_path):
     hub.mode = "honest"
     folder = pull_delta(REPO, endpoint=hub.url, cache_dir=tmp_path / "cache")
     assert folder.name == "0123456789abcdef0123456789abcdef01234567"
-    delta = load_hub_delta(REPO, endpoint=hub.url, cache_dir=tmp_path / "cache")
+    delta = load_delta(REPO, endpoint=hub.url, cache_dir=tmp_path / "cache")
     assert delta.origin["commit"] == folder.name and delta["w"].nnz == 2
     assert all(auth == f"Bearer {TOKEN}" for _, _, auth in hub.seen[-3:])  # it was sent, to be echoed
 
@@ -99,7 +94,7 @@ def test_a_hostile_server_cannot_write_outside_the_cache(hub, env, tmp_path, mod
     start = time.monotonic()
     with pytest.raises(HubError) as info:
         if how == "load":
-            load_hub_delta(f"{REPO}@main", endpoint=hub.url, cache_dir=cache, token=TOKEN)
+            load_delta(f"{REPO}@main", endpoint=hub.url, cache_dir=cache, token=TOKEN)
         else:
             pull_delta(REPO, revision="main", endpoint=hub.url, cache_dir=cache, local_dir=out)
     elapsed = time.monotonic() - start

@@ -122,7 +122,7 @@ def test_apply_deltas_is_the_same_with_and_without_the_kernel(monkeypatch, dtype
         deltas = [
             random_delta(model, 0.3, seed=s, scale=0.2, values_dtype=v) for s, v in enumerate(VALUE_DTYPES)
         ]
-        handles.append(apply_deltas(model, deltas, [1.0, -0.5, 2.0]))
+        handles.append(apply_deltas(model, deltas, weights=[1.0, -0.5, 2.0]))
         models.append(model)
     for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True):
         assert torch.equal(bits(a), bits(b)), name
@@ -190,7 +190,7 @@ def test_an_overflowing_sum_or_a_failing_method_changes_nothing():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     deltas = [random_delta(model, 0.2, seed=s) for s in range(2)]
     with pytest.raises(ValueError, match="overflows float32"):
-        apply_deltas(model, deltas, [1.0, 3e39])  # 3e39 is infinite in float32
+        apply_deltas(model, deltas, weights=[1.0, 3e39])  # 3e39 is infinite in float32
     for name, v in model.state_dict().items():
         assert torch.equal(bits(v), bits(before[name])), name
     # A method that fails on the third parameter: the two already changed are restored.

@@ -11,6 +11,7 @@ Example:
     >>> delta = model.to_delta()
 """
 
+from .compat import TaskType, get_peft_config, get_peft_model
 from .config import SftConfig
 from .errors import SftConfigError, SftStateError
 from .model import ActiveDelta, get_sft_model, unwrap_sft_model
@@ -27,6 +28,9 @@ __all__ = [
     "SftSelector",
     "SftStateError",
     "SftTrainer",
+    "TaskType",
+    "get_peft_config",
+    "get_peft_model",
     "get_sft_model",
     "unwrap_sft_model",
 ]

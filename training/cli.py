@@ -51,6 +51,12 @@ import click
     is_flag=True,
     help="Recompute activations in the backward pass: less memory, ~30% more compute.",
 )
+@click.option(
+    "--base-model",
+    metavar="ID[@REV]",
+    help="The base's Hub id (and revision) to record in the delta, e.g. when BASE is a local copy of it "
+    "(default: BASE itself when it is a Hub id or a folder in the HF cache).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing delta folder at --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(
@@ -78,6 +84,7 @@ def train(
     device,
     bf16,
     gradient_checkpointing,
+    base_model,
     overwrite,
     quiet,
 ):
@@ -90,6 +97,7 @@ def train(
       deltahub train ./smollm2 plays.txt --out ./shakespeare-delta --density 0.01 --steps 200
       deltahub train ./base data.jsonl --out ./d --algorithm sm3 --num-tunable-weights 1000000 --lr 0.1
       deltahub train ./base data.txt --out ./d --device cuda --bf16 --gradient-checkpointing
+      deltahub train ./llama plays.txt --out ./llama-delta --base-model meta-llama/Llama-3.2-1B@main  # a local copy of it
     """
     import torch
     from tqdm.auto import tqdm
@@ -119,6 +127,10 @@ def train(
         values_dtype=values_dtype,
         seed=seed,
     )
+    if base_model is not None:
+        from deltahub.identity import parse_model_id
+
+        parse_model_id(base_model)  # a bad id fails before any training
     if not Path(base).is_dir():
         # Checked before transformers sees it: from_pretrained would try it as a Hub id and fail in 40 lines.
         raise PathNotFoundError(f"no model folder at {base!r}: `base` must be a local folder written by save_pretrained")
@@ -181,7 +193,7 @@ def train(
             if math.isfinite(value):
                 bar.set_postfix(loss=f"{value:.3f}")
     after = held_out_loss()
-    delta = model.to_delta()
+    delta = model.to_delta(base_model=base_model)
     if delta.base_model in (None, ""):
         delta.base_model = str(base)
     deltahub.save_delta(delta, out, overwrite=overwrite)

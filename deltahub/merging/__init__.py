@@ -38,8 +38,7 @@ from .._dtypes import dtype_name
 from ..basecheck import check_base, common_base
 from ..errors import InvalidArgumentError, OutOfSpaceError
 from ..format.spec import parse_size
-from ..methods import resolve_options
-from ..sources import DeltaSource, check_weights, describe, resolve_deltas
+from ..inputs import DeltaSource, check_arguments, describe, validate_inputs
 from .base import BaseFiles, resolve_model
 from .card import model_card
 from .config import DeltaEntry, MergeConfig
@@ -67,28 +66,29 @@ __all__ = [
 
 
 def merge(
-    base: str | os.PathLike,
-    deltas: DeltaSource | Sequence[DeltaSource],
+    base: str | os.PathLike | None = None,
+    deltas: DeltaSource | Sequence[DeltaSource] = (),
     *,
     out: str | os.PathLike,
     weights: Sequence[float] | None = None,
     method: str = "sum",
     method_options: Mapping[str, Any] | None = None,
+    force: bool = False,
     dtype: str | torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
-    force: bool = False,
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool = True,
 ) -> MergeResult:
     """Merge sparse deltas into a base checkpoint and write a standard transformers model folder, streaming.
 
-    The result equals ``load_model(base, deltas, weights, method, dtype=dtype)`` weight for weight (same
+    The result equals ``load_model(base, deltas, weights=..., method=..., dtype=dtype)`` weight for weight (same
     float32 arithmetic, rounded once), so plain ``AutoModelForCausalLM.from_pretrained(out)`` gives the same
     logits. Tensors no delta touches are copied byte for byte.
 
     Args:
-        base: a local model folder (safetensors) or a Hub id ``org/name[@revision]``.
+        base: a local model folder (safetensors) or a Hub id ``org/name[@revision]``; None: the base the deltas
+            record (its id and revision), checked against their fingerprints like any other.
         deltas: delta folders, files, Hub ids (``org/name@revision``) or SparseDelta objects.
         out: the folder to create (refused if it exists and is not empty, unless ``overwrite``).
         weights: one per delta (default 1.0); negative subtracts.
@@ -96,7 +96,8 @@ def merge(
         dtype: output dtype of floating tensors (float32, bfloat16, float16); default: the base's. The base is
             cast first and the deltas added in that dtype, as ``load_model(..., dtype=...)`` does.
         max_shard_size: bytes per output file, an int or a string like ``"5GB"`` or ``"2GiB"``.
-        force: skip the base fingerprint check (names and shapes are always checked).
+        force: skip the base fingerprint checks, between the deltas and against the base (names and shapes are
+            always checked).
         overwrite: replace an existing ``out`` (swapped in only once the new folder is complete).
         dry_run: validate and plan, write nothing; the result's ``out`` is None.
         progress: show a progress bar (hidden anyway when not writing to a terminal).
@@ -112,7 +113,6 @@ def merge(
         >>> merge("meta-llama/Llama-3.2-1B@main", ["./math-delta", "./code-delta"], weights=[1.0, 0.5],
         ...       out="./llama-math-code", dtype="bfloat16")
     """
-    options = resolve_options(method, method_options or {})
     if dtype is None:
         out_dtype = None
     else:
@@ -121,19 +121,18 @@ def merge(
         out_dtype = parse_dtype(dtype, allowed=VALUE_DTYPES, what="dtype")
     max_bytes = parse_size(max_shard_size)
     out = check_output(out, overwrite=overwrite, keyword="out")
-    sources = [deltas] if isinstance(deltas, (str, os.PathLike)) else deltas
-    if isinstance(sources, Sequence) and not sources:
-        raise InvalidArgumentError("merge needs at least one delta")
+    # Every argument checked before anything is loaded, and without torch: the fast path needs none.
+    args = check_arguments(deltas, weights=weights, method=method, method_options=method_options, force=force)
     from .fast import eligible, fast_merge
 
-    if isinstance(sources, Sequence) and eligible(method, out_dtype, dry_run, sources):
+    if base is not None and eligible(args.method, out_dtype, dry_run, args.items):
         result = fast_merge(
             base,
-            list(sources),
-            check_weights(len(sources), weights),
+            list(args.items),
+            list(args.weights),
             out=out,
-            method=method,
-            options=options,
+            method=args.method,
+            options=dict(args.options),
             max_bytes=max_bytes,
             max_shard_size=max_shard_size,
             force=force,
@@ -142,10 +141,17 @@ def merge(
         )
         if result is not None:
             return result
-    delta_list, weight_list = resolve_deltas(deltas, weights)
-    if not delta_list:
-        raise InvalidArgumentError("merge needs at least one delta")
-    common_base(delta_list)
+    inputs = validate_inputs(
+        deltas, weights=weights, method=method, method_options=method_options, force=force
+    )
+    delta_list, weight_list, options = list(inputs.deltas), list(inputs.weights), dict(inputs.options)
+    method = inputs.method
+    shared = common_base(delta_list, force=force)
+    if base is None:
+        from ..apply import recorded_base
+
+        name, revision = recorded_base(delta_list)
+        base = name if revision is None or os.path.exists(name) else f"{name}@{revision}"
     base_folder, base_id, base_revision = resolve_model(base)
     base_files = BaseFiles(base_folder)
     try:
@@ -176,20 +182,45 @@ def merge(
         plan.config = _config(plan, max_shard_size)
         if dry_run:
             if len(delta_list) > 1:
-                from ..overlap import overlap_report
+                from ..overlap import overlap_inputs
 
-                plan.overlap = overlap_report(delta_list, weight_list)
+                plan.overlap = overlap_inputs(inputs)
             return MergeResult(plan, None)
         nnz = write_folder(
             plan,
             base_folder,
             base_files.config,
             overwrite,
+            _card(plan, base_id, base_revision, shared, force, delta_list),
             lambda tmp: write_shards(base_files, plan, tmp, delta_list, weight_list, progress),
         )
     finally:
         base_files.close()
     return MergeResult(plan, out, nnz)
+
+
+def _card(
+    plan: MergePlan,
+    base_id: str,
+    base_revision: str | None,
+    shared: Mapping[str, Any],
+    force: bool,
+    deltas: Sequence[Any],
+) -> str:
+    """The merged folder's README.md (both paths write the same)."""
+    hub_deltas = [d.origin["repo_id"] for d in deltas if d.origin.get("repo_id")]
+    return model_card(plan, hub_base=_hub_base(base_id, base_revision, shared, force), hub_deltas=hub_deltas)
+
+
+def _hub_base(base_id: str, base_revision: str | None, shared: Mapping[str, Any], force: bool) -> str | None:
+    """The base's Hub id for the card: its own when it came from the Hub (or its cache), else the one the deltas
+    record, which the fingerprint check just confirmed (not under ``force``). None when neither is known."""
+    from ..identity import is_hub_id
+
+    if base_revision is not None and is_hub_id(base_id):
+        return base_id
+    recorded = shared.get("base_model")
+    return recorded if not force and is_hub_id(recorded) else None
 
 
 def _check_out(out: Path, base_folder: Path) -> None:

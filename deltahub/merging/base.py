@@ -48,11 +48,16 @@ def resolve_model(ref: str | os.PathLike) -> tuple[Path, str, str | None]:
     downloaded with ``huggingface_hub.snapshot_download`` (weights, configs, tokenizer files only).
 
     Returns:
-        ``(folder, model id, revision)``; for a Hub id the revision is the resolved commit.
+        ``(folder, model id, revision)``; for a Hub id (or a folder in the HF cache) the model id is the repo id
+        and the revision the resolved commit; for another local folder, its path and None.
     """
     path = Path(ref)
     if path.exists():
-        return path, str(ref), None
+        # An HF-cache snapshot folder is named by its repo id and commit: say those, not the cache path.
+        from ..identity import model_identity
+
+        model_id, revision = model_identity(path)
+        return path, model_id or str(ref), revision
     text = os.fspath(ref)
     if not is_ref(text):
         raise PathNotFoundError(

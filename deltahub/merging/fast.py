@@ -16,9 +16,11 @@ ids, tied names the checkpoint stores under another name, or no C compiler for t
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from ..errors import CheckpointError, InvalidArgumentError
 from ..fingerprint import sample_positions
 from ..format.header import read_header
 from ..format.reader import RawDelta, RawParam, read_delta
+from ..format.spec import CONFIG_FILE as CONFIG_FILE_DELTA
 from . import fast_methods
 from .base import LOOKAHEAD, resolve_model
 from .plan import MergePlan, MergeResult, TensorPlan, shard_layout
@@ -159,13 +162,24 @@ class FastBase:
 
 
 def eligible(method: str, dtype: object, dry_run: bool, deltas: Sequence[object]) -> bool:
-    """Whether :func:`merge` may take the fast path (the rest of the checks happen in :func:`fast_merge`)."""
+    """Whether :func:`merge` may take the fast path (the rest of the checks happen in :func:`fast_merge`): a
+    method it has, no dtype change or dry run, every delta a local delta folder (with its config: anything else,
+    another tool's adapter say, gets the torch path's messages) or ``.safetensors`` file, and the kernel."""
     return (
         method in FAST_METHODS
         and dtype is None
         and not dry_run
-        and all(isinstance(d, (str, os.PathLike)) and Path(d).exists() for d in deltas)
+        and all(_local_delta(d) for d in deltas)
         and native.library() is not None
+    )
+
+
+def _local_delta(d: object) -> bool:
+    if not isinstance(d, (str, os.PathLike)):
+        return False
+    path = Path(d)
+    return (path.is_dir() and (path / CONFIG_FILE_DELTA).is_file()) or (
+        path.is_file() and path.suffix == ".safetensors"
     )
 
 
@@ -185,10 +199,12 @@ def fast_merge(
 ) -> MergeResult | None:
     """:func:`deltahub.merging.merge` for an :func:`eligible` merge; None where the base needs the torch path
     (a delta names a tied tensor the checkpoint stores under another name: resolving that needs the model)."""
-    from . import _check_out, _config, _delta_info
+    from . import _card, _check_out, _config, _delta_info
 
+    # The card, written last, needs huggingface_hub's card module (0.25 s to import): import it meanwhile.
+    threading.Thread(target=importlib.import_module, args=("huggingface_hub.repocard",), daemon=True).start()
     deltas = [read_delta(p) for p in delta_paths]
-    common_base(deltas)
+    shared = common_base(deltas, force=force)
     base_folder, base_id, base_revision = resolve_model(base)
     base_files = FastBase(base_folder)
     try:
@@ -217,6 +233,7 @@ def fast_merge(
             base_folder,
             base_files.config,
             overwrite,
+            _card(plan, base_id, base_revision, shared, force, deltas),
             lambda tmp: write_shards(base_files, plan, tmp, deltas, weights, progress),
         )
     finally:

@@ -33,7 +33,6 @@ from .base import (
     WEIGHT_SUFFIXES,
     BaseFiles,
 )
-from .card import model_card
 from .config import CONFIG_NAME as MERGE_YAML
 from .plan import MergePlan, TensorPlan, human
 
@@ -251,6 +250,7 @@ def write_folder(
     base_folder: Path,
     config: dict[str, Any] | None,
     overwrite: bool,
+    card: str,
     write_tensors: Callable[[Path], dict[str, int]],
 ) -> dict[str, int]:
     """The merged folder, atomically: checks the free space, writes everything into a hidden temporary sibling
@@ -273,7 +273,7 @@ def write_folder(
         if len(plan.shards) > 1:
             (tmp / INDEX_NAME).write_text(json.dumps(index(plan), indent=2) + "\n", encoding="utf-8")
         copy_extras(base_folder, tmp, plan, config)
-        (tmp / "README.md").write_text(model_card(plan), encoding="utf-8")
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         if plan.config is not None:
             (tmp / MERGE_YAML).write_text(plan.config.to_yaml(), encoding="utf-8")
         (tmp / MARKER).unlink()
