@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from child import measure
 from safetensors.torch import save_file
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -66,7 +67,7 @@ def build(
     root = workdir / size
     base, deltas = root / "base", [root / "delta-0", root / "delta-1"]
     fts = [root / "ft-0", root / "ft-1"]
-    done = root / "built"
+    done = root / "built-v1.1"  # deltas in format 1.1 (rebuilt when the format changes)
     if done.exists():
         return base, deltas, fts
     shutil.rmtree(root, ignore_errors=True)
@@ -122,31 +123,17 @@ def build(
     return base, deltas, fts
 
 
-# A measuring launcher that is itself tiny: a child's ru_maxrss includes the memory of the process it was forked
-# from (Linux records the old image's high-water mark at exec), so forking the commands from this process, which
-# holds torch, would add ~0.35 GB to every figure (cp would "use" 0.35 GB).
-_LAUNCHER = """
-import json, os, subprocess, sys, time
-t0 = time.perf_counter()
-proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-err = proc.stderr.read()
-_, status, usage = os.wait4(proc.pid, 0)
-sys.stderr.buffer.write(err[-3000:])
-print(json.dumps({"wall": time.perf_counter() - t0, "rss": usage.ru_maxrss * 1024, "code": os.waitstatus_to_exitcode(status)}))
-"""
-
-
-def run(cmd: list[str], out: Path) -> tuple[float, float]:
+def run(
+    cmd: list[str], out: Path, env: dict[str, str] | None = None, keep: bool = False
+) -> tuple[float, float]:
     """Wall seconds and peak RSS (GB) of one command; ``out`` is removed before and after (untimed)."""
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=True)
-    done = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *cmd], capture_output=True, text=True)
-    shutil.rmtree(out, ignore_errors=True)
+    wall, rss = measure(cmd, env)
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=True)
-    if done.returncode != 0 or json.loads(done.stdout)["code"] != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout)
-    return result["wall"], result["rss"] / 1e9
+    return wall, rss / 1e9
 
 
 def mergekit_config(path: Path, method: str, base: Path, fts: list[Path]) -> Path:
@@ -171,6 +158,42 @@ def find_mergekit() -> str | None:
     )
 
 
+def baseline_tree(workdir: Path, rev: str) -> Path:
+    """The ``deltahub`` package of git revision ``rev`` (e.g. the 0.1.0 release), unpacked for PYTHONPATH."""
+    tree = workdir / f"deltahub-{rev}"
+    if not (tree / "deltahub").is_dir():
+        tree.mkdir(parents=True, exist_ok=True)
+        repo = Path(__file__).resolve().parents[1]
+        archive = subprocess.run(
+            ["git", "-C", str(repo), "archive", rev, "deltahub"], check=True, capture_output=True
+        )
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return tree
+
+
+def v1_0_copies(deltas: list[Path]) -> list[Path]:
+    """The deltas in format 1.0's layout (``sparse`` storage only), which a 0.1.0 reader loads."""
+    from deltahub import load_delta
+    from deltahub.format import encoding
+
+    out = [d.with_name(d.name + "-v1.0") for d in deltas]
+    original = encoding.choose_storage
+    encoding.choose_storage = lambda positions, numel: ("sparse", encoding.index_code(numel))
+    try:
+        for src, dst in zip(deltas, out, strict=True):
+            if not (dst / "delta_config.json").exists():
+                save_delta(load_delta(src), dst, overwrite=True)
+    finally:
+        encoding.choose_storage = original
+    return out
+
+
+def shard_hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
+
+
 def fmt(xs: list[float]) -> str:
     return f"{statistics.median(xs):7.2f}"
 
@@ -186,6 +209,12 @@ def main() -> None:
     )
     parser.add_argument("--no-mergekit", action="store_true")
     parser.add_argument("--seven-b", action="store_true", help="also build a 7B-shaped base (~30 GB disk)")
+    parser.add_argument(
+        "--baseline",
+        metavar="GIT_REV",
+        help="also time the merge of this git revision of deltahub (e.g. 063cdb9, the 0.1.0 release) on format-1.0 "
+        "copies of the deltas, and check that its shards are byte-identical to this one's",
+    )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
 
@@ -212,6 +241,15 @@ def main() -> None:
         "deltahub merge sum": dh,
         "deltahub merge ties": [*dh, "--method", "ties", "--density", "0.5"],
     }
+    envs: dict[str, dict[str, str]] = {}
+    if args.baseline:
+        tree = baseline_tree(args.workdir, args.baseline)
+        # -P: not the current folder first on sys.path, where this checkout's deltahub would shadow PYTHONPATH's.
+        old = [dh[0], "-P", *dh[1:5], *map(str, v1_0_copies(deltas)), *dh[7:]]
+        for method, extra in (("sum", []), ("ties", ["--method", "ties", "--density", "0.5"])):
+            name = f"{args.baseline} merge {method}"
+            commands[name] = [*old, *extra]
+            envs[name] = {**os.environ, "PYTHONPATH": str(tree)}
     mk = None if args.no_mergekit else find_mergekit()
     if mk:
         for method in ("task_arithmetic", "ties"):
@@ -222,7 +260,7 @@ def main() -> None:
         for name, cmd in commands.items():
             if name == "mergekit ties" and r >= args.mergekit_ties_repeats:
                 continue
-            results[name].append(run(cmd, out))
+            results[name].append(run(cmd, out, envs.get(name)))
             wall, rss = results[name][-1]
             print(f"  round {r + 1}: {name:24s} {wall:7.2f} s  {rss:5.2f} GB", flush=True)
     cp = statistics.median(w for w, _ in results["cp -r"])
@@ -231,6 +269,15 @@ def main() -> None:
     for name, rs in results.items():
         walls, rsss = [w for w, _ in rs], [m for _, m in rs]
         print(f"{name:24s} {fmt(walls)} {statistics.median(walls) / cp:6.2f} {statistics.median(rsss):12.2f}")
+    if args.baseline:
+        for method in ("sum", "ties"):
+            new, old = f"deltahub merge {method}", f"{args.baseline} merge {method}"
+            run(commands[new], out, keep=True)
+            want = shard_hashes(out)
+            run(commands[old], out, envs[old], keep=True)
+            same = shard_hashes(out) == want
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"{method}: shards of this deltahub and of {args.baseline} byte-identical: {same}")
     if not mk and not args.no_mergekit:
         print("mergekit-yaml not found (set MERGEKIT_YAML or put it on PATH): mergekit rows skipped")
 

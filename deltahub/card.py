@@ -13,12 +13,17 @@ import json
 import re
 import shlex
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
 from ._dtypes import dtype_name
-from .delta import SparseDelta
+
+if TYPE_CHECKING:
+    from .delta import SparseDelta
+
+if TYPE_CHECKING:
+    from .delta import SparseDelta
 
 # Beyond this many rows the table stops being readable; delta_config.json lists every parameter anyway.
 MAX_TABLE_ROWS = 200

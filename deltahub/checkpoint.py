@@ -12,18 +12,22 @@ Only safetensors are read: pickle checkpoints (``pytorch_model.bin``) can run ar
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import torch
 from safetensors import SafetensorError, safe_open
-from torch import nn
 
-from ._dtypes import SAFETENSORS_DTYPES
-from ._tensors import storage_key
+from . import _dtypes
 from .errors import ArgumentTypeError, CheckpointError, PathNotFoundError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading headers and byte ranges needs none
+    import torch
+    from torch import nn
+
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -52,7 +56,7 @@ class TensorSource(Protocol):
     def dtype(self, name: str) -> torch.dtype: ...
 
 
-class Checkpoint(Mapping[str, torch.Tensor]):
+class Checkpoint(Mapping[str, "torch.Tensor"]):
     """A read-only, lazy mapping from state-dict names to tensors of a safetensors checkpoint.
 
     Args:
@@ -151,12 +155,13 @@ class Checkpoint(Mapping[str, torch.Tensor]):
 
     def dtype(self, name: str) -> torch.dtype:
         """The tensor's dtype, from the file header (no data is read)."""
+        dtypes = _dtypes.SAFETENSORS_DTYPES
         code = self._meta[name][1]
-        if code not in SAFETENSORS_DTYPES:
+        if code not in dtypes:
             raise CheckpointError(
                 f"{name} in {self._where[name]} has dtype {code}, which this torch cannot hold"
             )
-        return SAFETENSORS_DTYPES[code]
+        return dtypes[code]
 
     def close(self) -> None:
         """Release the memory maps (tensors already returned stay valid; a later :meth:`get` reopens)."""
@@ -240,7 +245,122 @@ def _read_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
-class StateDictSource(Mapping[str, torch.Tensor]):
+def read_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """``{name: (absolute start, byte length)}`` from a safetensors header, read by the format's one parser
+    (every check a delta's header gets, with every safetensors dtype allowed)."""
+    from .format.header import read_header
+
+    header, problems = read_header(path, path.name, dtypes=_dtypes.ST_ITEMSIZES)
+    if header is None:
+        raise CheckpointError(f"cannot read the shard {path}:\n" + "\n".join(f"  - {p}" for p in problems))
+    return {k: (header.data_start + t.begin, t.end - t.begin) for k, t in header.tensors.items()}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor of a checkpoint lies: its file, the absolute offset of its first byte, and its metadata."""
+
+    path: Path
+    start: int
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None  # None: a dtype this torch cannot hold
+
+    def read(self) -> torch.Tensor:
+        """The tensor in fresh memory, read with ``pread``: no memory map, so no page of the file is mapped into
+        this process (a map's touched pages count in its resident set for as long as it lives)."""
+        import torch
+
+        if self.dtype is None:
+            raise CheckpointError(f"{self.path}: a tensor of a dtype this torch cannot hold")
+        out = torch.empty(self.shape, dtype=self.dtype)
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if self.nbytes else memoryview(b"")
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < self.nbytes:
+                got = os.preadv(fd, [view[done:]], self.start + done)
+                if got == 0:
+                    raise CheckpointError(
+                        f"{self.path} ended early while reading a tensor (was it modified?)"
+                    )
+                done += got
+        finally:
+            os.close(fd)
+        return out
+
+
+def read_elements(stored: StoredTensor, positions: list[int]) -> torch.Tensor:
+    """The tensor's elements at these flat positions, read with ``pread`` (no memory map: see ``read``)."""
+    import torch
+
+    if stored.dtype is None:
+        raise CheckpointError(f"{stored.path}: a tensor of a dtype this torch cannot hold")
+    size = stored.dtype.itemsize
+    fd = os.open(stored.path, os.O_RDONLY)
+    try:
+        raw = b"".join(os.pread(fd, size, stored.start + pos * size) for pos in positions)
+    finally:
+        os.close(fd)
+    if len(raw) != size * len(positions):
+        raise CheckpointError(f"{stored.path} ended early while reading a tensor (was it modified?)")
+    return torch.frombuffer(bytearray(raw), dtype=stored.dtype) if raw else torch.empty(0, dtype=stored.dtype)
+
+
+def file_mappings() -> list[tuple[int, int, int, int, str]]:
+    """This process's file-backed memory maps from ``/proc/self/maps``: ``(start address, end address, file
+    offset, inode, path)``; empty without procfs. Read once, then ask :func:`mapped_address`."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/") and fields[4] != "0":
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            out.append((lo, hi, int(fields[2], 16), int(fields[4]), fields[5]))
+    return out
+
+
+def is_mapped_at(
+    mappings: list[tuple[int, int, int, int, str]], path: Path, offset: int, address: int
+) -> bool:
+    """Whether byte ``offset`` of the file at ``path`` is mapped at ``address`` in this process (by any of its
+    maps: a process that loaded a file twice may hold two). Lets a caller recognise a tensor that is the file's
+    bytes without touching (and so faulting in) any of its pages."""
+    try:
+        inode = os.stat(path).st_ino
+    except OSError:
+        return False
+    for lo, hi, start, ino, name in mappings:
+        if ino == inode and start <= offset < start + (hi - lo) and lo + offset - start == address:
+            try:
+                return os.path.samefile(name, path)
+            except OSError:
+                return False
+    return False
+
+
+def stored_tensors(folder: str | os.PathLike) -> dict[str, StoredTensor]:
+    """Every tensor of the safetensors checkpoint in ``folder`` with its byte range (headers only are read)."""
+    with Checkpoint(folder) as ckpt:  # validates the index and every shard's header
+        out = {}
+        for file, names in ckpt.files.items():
+            offsets = read_offsets(ckpt.folder / file)
+            for name in names:
+                start, nbytes = offsets[name]
+                code = ckpt._meta[name][1]
+                shape = ckpt.shape(name)
+                dtype = _dtypes.SAFETENSORS_DTYPES.get(code)
+                if dtype is not None and math.prod(shape) * dtype.itemsize != nbytes:
+                    dtype = None
+                out[name] = StoredTensor(ckpt.folder / file, start, nbytes, shape, dtype)
+    return out
+
+
+class StateDictSource(Mapping[str, "torch.Tensor"]):
     """In-memory tensors behind the :class:`TensorSource` interface, tied aliases collapsed.
 
     Names that are views of the same memory with the same shape and strides (GPT-2's ``lm_head.weight`` and
@@ -249,6 +369,10 @@ class StateDictSource(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], *, model_id: str | None = None):
+        import torch
+
+        from ._tensors import storage_key
+
         self.model_id = model_id or None
         self._tensors: dict[str, torch.Tensor] = {}
         seen: set[tuple] = set()
@@ -294,6 +418,8 @@ def as_tensor_source(
     ``name_or_path`` (None when empty), the folder's config ``_name_or_path`` or its path, or None for a plain
     state dict.
     """
+    from torch import nn
+
     if isinstance(x, nn.Module):
         return StateDictSource(x.state_dict(), model_id=getattr(x, "name_or_path", None))
     if isinstance(x, (str, os.PathLike)):

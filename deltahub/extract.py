@@ -141,7 +141,9 @@ def _check_options(density: Any, num: Any, scope: str, on_mismatch: str) -> tupl
         raise InvalidArgumentError(f"on_mismatch must be 'error' or 'skip'; got {on_mismatch!r}")
     if density is not None:
         if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
-            raise InvalidArgumentError(f"density must be a fraction in (0, 1], e.g. 0.01 for 1%; got {density!r}")
+            raise InvalidArgumentError(
+                f"density must be a fraction in (0, 1], e.g. 0.01 for 1%; got {density!r}"
+            )
         return "density", float(density)
     if isinstance(num, bool) or not isinstance(num, numbers.Integral) or num <= 0:
         raise InvalidArgumentError(f"num must be a positive integer number of entries; got {num!r}")
@@ -163,7 +165,9 @@ def _matcher(include: Any) -> Callable[[str], bool]:
         try:
             include = re.compile(include)
         except re.error as err:
-            raise InvalidArgumentError(f"include={include!r} is not a valid regular expression: {err}") from err
+            raise InvalidArgumentError(
+                f"include={include!r} is not a valid regular expression: {err}"
+            ) from err
     if isinstance(include, re.Pattern):
         return lambda name: include.search(name) is not None
     if callable(include):

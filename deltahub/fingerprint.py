@@ -15,15 +15,22 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are read: the streaming merge checks bases without it
+    import torch
 
 SAMPLES = 8
 # Per base dtype: the relative tolerance when the recorded and the live dtypes differ (one ulp of the coarser
 # dtype, at most eps * |x|, covers the double rounding of fp32 -> bf16 -> fp16 style conversions), and an
 # absolute floor for values so small the coarser dtype flushes them to subnormals.
-_EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
-_ATOL = {torch.float64: 0.0, torch.float32: 0.0, torch.bfloat16: 2.0**-126, torch.float16: 2.0**-14}
+# Keyed by dtype name, so torch dtypes and the merge's torch-free dtype names look up the same entries.
+_EPS = {"float64": 2.0**-52, "float32": 2.0**-23, "bfloat16": 2.0**-7, "float16": 2.0**-10}
+_ATOL = {"float64": 0.0, "float32": 0.0, "bfloat16": 2.0**-126, "float16": 2.0**-14}
+
+
+def _name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def sample_positions(name: str, numel: int, count: int = SAMPLES) -> list[int]:
@@ -40,6 +47,8 @@ def tensor_samples(name: str, tensor: torch.Tensor) -> tuple[float, ...]:
     positions = sample_positions(name, tensor.numel())
     if not positions:
         return ()
+    import torch
+
     flat = tensor.detach().reshape(-1)
     picked = flat[torch.tensor(positions, device=flat.device)].to(torch.float32).cpu()
     return tuple(float(v) for v in picked.tolist())
@@ -52,19 +61,21 @@ def fingerprint_of(
     return {name: tensor_samples(name, base[name]) for name in (names if names is not None else list(base))}
 
 
-def _coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+def _coarser(a: str, b: str) -> str:
     return a if _EPS.get(a, 0.0) >= _EPS.get(b, 0.0) else b
 
 
 def samples_match(
-    recorded: tuple[float, ...], live: tuple[float, ...], recorded_dtype: torch.dtype, live_dtype: torch.dtype
+    recorded: tuple[float, ...], live: tuple[float, ...], recorded_dtype: Any, live_dtype: Any
 ) -> bool:
     """Whether ``live`` samples come from the same base values as ``recorded``.
 
-    Same dtype: bit-exact. Different dtypes: equal within one rounding of the coarser dtype.
+    Same dtype: bit-exact. Different dtypes: equal within one rounding of the coarser dtype. The dtypes are
+    torch dtypes or their names (``"bfloat16"``).
     """
     if len(recorded) != len(live):
         return False
+    recorded_dtype, live_dtype = _name(recorded_dtype), _name(live_dtype)
     if recorded_dtype == live_dtype:
         return all((r == v) or (math.isnan(r) and math.isnan(v)) for r, v in zip(recorded, live, strict=True))
     coarse = _coarser(recorded_dtype, live_dtype)

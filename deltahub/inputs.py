@@ -17,12 +17,14 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
-from .delta import SparseDelta
 from .errors import ArgumentTypeError, InvalidArgumentError
 
-DeltaSource = SparseDelta | str | os.PathLike
+if TYPE_CHECKING:  # the checks need no torch: the merge's fast path runs them before (instead of) importing it
+    from .delta import SparseDelta
+
+DeltaSource = Union["SparseDelta", str, os.PathLike]
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,16 @@ def check_weights(count: int, weights: Sequence[float] | float | None) -> list[f
     return [float(w) for w in weights]
 
 
+def _is_delta(x: object) -> bool:
+    """A SparseDelta, without importing torch to ask (no SparseDelta exists before delta.py was imported)."""
+    import sys
+
+    module = sys.modules.get("deltahub.delta")
+    return module is not None and isinstance(x, module.SparseDelta)
+
+
 def _as_list(deltas: object) -> list[Any]:
-    if isinstance(deltas, (SparseDelta, str, os.PathLike)):
+    if _is_delta(deltas) or isinstance(deltas, (str, os.PathLike)):
         return [deltas]
     if isinstance(deltas, Mapping) or not isinstance(deltas, (Sequence, tuple, list)):
         raise ArgumentTypeError(
@@ -73,13 +83,58 @@ def _as_list(deltas: object) -> list[Any]:
             f"them; got {type(deltas).__name__}"
         )
     items = list(deltas)
-    bad = [f"{i} ({type(d).__name__})" for i, d in enumerate(items) if not isinstance(d, DeltaSource)]
+    bad = [
+        f"{i} ({type(d).__name__})"
+        for i, d in enumerate(items)
+        if not (_is_delta(d) or isinstance(d, (str, os.PathLike)))
+    ]
     if bad:
         raise ArgumentTypeError(
             "each delta must be a SparseDelta, a folder, a file or a Hub id 'org/name[@rev]'; items "
             f"{', '.join(bad)} are not"
         )
     return items
+
+
+@dataclass(frozen=True)
+class CallArguments:
+    """A multi-delta call's arguments, checked, the deltas not loaded yet (what :func:`check_arguments` gives)."""
+
+    items: tuple[Any, ...]  # SparseDelta objects, folders, files or Hub ids, in order
+    weights: tuple[float, ...]
+    method: str
+    options: Mapping[str, float | int]
+    force: bool
+
+
+def check_arguments(
+    deltas: DeltaSource | Sequence[DeltaSource],
+    *,
+    weights: Sequence[float] | float | None = None,
+    method: str = "sum",
+    method_options: Mapping[str, Any] | None = None,
+    force: bool = False,
+    allow_empty: bool = False,
+) -> CallArguments:
+    """:func:`validate_inputs`' checks of the arguments alone, loading nothing and importing no torch."""
+    from .methods import get_method
+
+    if not isinstance(force, bool):
+        raise ArgumentTypeError(
+            f"force must be True or False; got {force!r}. A combination method's options go in "
+            "method_options={...}"
+        )
+    if method_options is not None and not isinstance(method_options, Mapping):
+        raise ArgumentTypeError(
+            f"method_options must be a mapping like {{'density': 0.5}}; got {type(method_options).__name__}"
+        )
+    spec = get_method(method)
+    options = spec.resolve(dict(method_options or {}))
+    items = _as_list(deltas)
+    if not items and not allow_empty:
+        raise InvalidArgumentError("need at least one delta")
+    weight_list = check_weights(len(items), weights)
+    return CallArguments(tuple(items), tuple(weight_list), spec.name, MappingProxyType(options), force)
 
 
 def validate_inputs(
@@ -101,25 +156,17 @@ def validate_inputs(
         DeltaFormatError, FileNotFoundError, HubError, UnconvertedAdapterError: loading a delta failed.
     """
     from .loading import load_delta
-    from .methods import get_method
 
-    if not isinstance(force, bool):
-        raise ArgumentTypeError(
-            f"force must be True or False; got {force!r}. A combination method's options go in "
-            "method_options={...}"
-        )
-    if method_options is not None and not isinstance(method_options, Mapping):
-        raise ArgumentTypeError(
-            f"method_options must be a mapping like {{'density': 0.5}}; got {type(method_options).__name__}"
-        )
-    spec = get_method(method)
-    options = spec.resolve(dict(method_options or {}))
-    items = _as_list(deltas)
-    if not items and not allow_empty:
-        raise InvalidArgumentError("need at least one delta")
-    weight_list = check_weights(len(items), weights)
-    loaded = tuple(d if isinstance(d, SparseDelta) else load_delta(d) for d in items)
-    return DeltaInputs(loaded, tuple(weight_list), spec.name, MappingProxyType(options), force)
+    args = check_arguments(
+        deltas,
+        weights=weights,
+        method=method,
+        method_options=method_options,
+        force=force,
+        allow_empty=allow_empty,
+    )
+    loaded = tuple(d if _is_delta(d) else load_delta(d) for d in args.items)
+    return DeltaInputs(loaded, args.weights, args.method, args.options, args.force)
 
 
 def describe(delta: SparseDelta, position: int) -> str:

@@ -146,13 +146,17 @@ def test_non_contiguous_targets_match_a_dense_reference_and_revert_exactly():
     before = {k: v.clone() for k, v in target.items()}
     delta = SparseDelta(
         {
-            "w": ParamDelta(torch.tensor([0, 7, 9, 47]), torch.tensor([1.0, -2.0, 0.5, 3.0]), (6, 8), torch.float32),
+            "w": ParamDelta(
+                torch.tensor([0, 7, 9, 47]), torch.tensor([1.0, -2.0, 0.5, 3.0]), (6, 8), torch.float32
+            ),
             "o": ParamDelta(torch.tensor([1, 4, 19]), torch.tensor([0.25, -1.0, 2.0]), (4, 5), torch.float32),
         }
     )
     handle = apply_deltas(target, delta, force=True)
     for name, p in delta.items():
-        reference = before[name].contiguous().view(-1).clone()  # flat row-major positions of the logical shape
+        reference = (
+            before[name].contiguous().view(-1).clone()
+        )  # flat row-major positions of the logical shape
         reference[p.indices] += p.values
         assert torch.equal(target[name].contiguous().view(-1), reference), name
     assert target["w"].data_ptr() == weight.data_ptr()  # changed in place, through the view
@@ -169,7 +173,9 @@ def test_a_model_on_the_meta_device_is_refused_even_with_force():
         meta = LlamaForCausalLM(real.config)
     d = random_delta(real, 0.1)
     for force in (False, True):
-        with pytest.raises(BaseMismatchError, match="is on the meta device; load the base weights before applying"):
+        with pytest.raises(
+            BaseMismatchError, match="is on the meta device; load the base weights before applying"
+        ):
             apply_deltas(meta, d, force=force)
 
 

@@ -72,7 +72,9 @@ def _fixtures(root: Path) -> None:
         base.save_pretrained(root / name)
         save_char_tokenizer(root / name)
     (root / "plays.txt").write_text("to be or not to be, that is the question.\n" * 200)
-    (root / "data.jsonl").write_text("".join(json.dumps({"text": f"a line of text, {i}."}) + "\n" for i in range(300)))
+    (root / "data.jsonl").write_text(
+        "".join(json.dumps({"text": f"a line of text, {i}."}) + "\n" for i in range(300))
+    )
     for i, name in enumerate(("math-delta", "style-delta", "a", "b")):
         # math-delta names its base by the id the loopback Hub holds it under: `merge acme/math-delta@v1` alone
         base_model = "meta-llama/Llama-3.2-1B" if name == "math-delta" else "tiny"
@@ -131,9 +133,15 @@ def test_every_help_example_runs(tmp_path, monkeypatch):
         monkeypatch.setattr(constants, "ENDPOINT", hub.url)
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         # The repos the examples name: deltas (with the tags they pin), a base and a fine-tune.
-        pushed = deltahub.push_delta(root / "math-delta", "acme/math-delta", private=True, endpoint=hub.url, token=TOKEN)
+        pushed = deltahub.push_delta(
+            root / "math-delta", "acme/math-delta", private=True, endpoint=hub.url, token=TOKEN
+        )
         api.create_tag("acme/math-delta", tag="v1", revision=pushed.sha)
-        for repo, folder in (("org/math", "math-delta"), ("org/code", "style-delta"), ("org/code-delta", "a")):
+        for repo, folder in (
+            ("org/math", "math-delta"),
+            ("org/code", "style-delta"),
+            ("org/code-delta", "a"),
+        ):
             sha = deltahub.push_delta(root / folder, repo, endpoint=hub.url, token=TOKEN).sha
             for tag in ("v1", "v2"):
                 api.create_tag(repo, tag=tag, revision=sha)
@@ -148,7 +156,9 @@ def test_every_help_example_runs(tmp_path, monkeypatch):
                 for real, tiny in SCALED.items():
                     line = line.replace(real, tiny)
                 line = line.replace("https://hub.example.com", hub.url).replace("3f2a9c0e...", pushed.sha)
-                line = line.replace("--out /tmp/demo", f"--out {tmp_path / 'demo'}").replace("HF_TOKEN=hf_... ", "")
+                line = line.replace("--out /tmp/demo", f"--out {tmp_path / 'demo'}").replace(
+                    "HF_TOKEN=hf_... ", ""
+                )
                 proc = subprocess.run(
                     line, shell=True, cwd=root, env=env, capture_output=True, text=True, timeout=600
                 )
@@ -156,4 +166,6 @@ def test_every_help_example_runs(tmp_path, monkeypatch):
                 ran += 1
     assert ran >= 18
     assert (root / "report.json").stat().st_size > 0 and (root / "overlap.png").stat().st_size > 0
-    assert (root / "llama-mix-again" / "merge.yaml").read_text() == (root / "llama-mix" / "merge.yaml").read_text()
+    assert (root / "llama-mix-again" / "merge.yaml").read_text() == (
+        root / "llama-mix" / "merge.yaml"
+    ).read_text()

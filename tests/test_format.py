@@ -1,4 +1,4 @@
-"""The on-disk format v1 (docs/format.md): round trips, hand-written files, and every way a file can be wrong."""
+"""The on-disk format v1 (docs/format.md): round trips, layouts, sharding, hand-written files, saving."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def test_config_contents(tmp_path):
     cfg = json.loads((save_delta(delta, tmp_path / "d") / "delta_config.json").read_text())
     assert cfg == {
         "format": "deltahub.sparse_delta",
-        "format_version": "1.0",
+        "format_version": "1.1",
         "deltahub_version": deltahub.__version__,
         "base_model": "tiny/base",
         "base_revision": "abc123",
@@ -71,9 +71,11 @@ def test_config_contents(tmp_path):
         "numel": 16,
         "density": 6 / 16,
         "parameters": {
-            "model.layers.0.mlp.down_proj.weight": cfg_entry((3, 4), 5, "bfloat16"),
+            # 5 of 12 positions: a 2-byte bitmap beats 5 one-byte gaps; 1 of 4: one gap ties the 1-byte
+            # bitmap, and ties go to gaps
+            "model.layers.0.mlp.down_proj.weight": cfg_entry((3, 4), 5, "bfloat16", storage="bitmap"),
             "model.norm.weight": cfg_entry(
-                (4,), 1, base_samples=[1.0, -2.5, "nan", "inf", "-inf", 0.0, 3.0, 4.0]
+                (4,), 1, storage="gaps", base_samples=[1.0, -2.5, "nan", "inf", "-inf", 0.0, 3.0, 4.0]
             ),
         },
         "fingerprint": {"method": "samples-v1", "samples_per_parameter": 8},
@@ -88,19 +90,24 @@ def test_mixed_values_dtypes_and_tensor_dtypes_in_file(tmp_path):
     out = save_delta(delta, tmp_path / "d")
     assert json.loads((out / "delta_config.json").read_text())["values_dtype"] == "mixed"
     with safe_open(str(out / "delta.safetensors"), "pt") as f:
-        assert sorted(f.keys()) == ["a.indices", "a.values", "b.indices", "b.values"]
-        assert f.get_tensor("a.indices").dtype == torch.int32
+        assert sorted(f.keys()) == ["a.bitmap", "a.values", "b.escapes", "b.gaps", "b.values"]
+        assert f.get_tensor("a.bitmap").tolist() == [0b101] and f.get_tensor("a.bitmap").dtype == torch.uint8
+        assert f.get_tensor("b.gaps").tolist() == [2] and f.get_tensor("b.escapes").dtype == torch.int32
         assert f.get_tensor("b.values").dtype == torch.float16
     assert_same(load_delta(out), delta)
 
 
-def test_huge_parameter_gets_int64_indices(tmp_path):
-    # 2**32 elements, two of them touched: int64 is required, yet nothing of size numel is allocated.
+def test_huge_parameter_gets_int64_escapes(tmp_path):
+    # 2**32 elements, two of them touched: the one large gap needs an int64 escape, yet nothing of size numel
+    # is allocated.
     delta = SparseDelta({"big": pd([0, 2**32 - 1], [1.0, -1.0], (65536, 65536))})
     out = save_delta(delta, tmp_path / "d")
     with safe_open(str(out / "delta.safetensors"), "pt") as f:
-        assert f.get_tensor("big.indices").dtype == torch.int64
+        assert f.get_tensor("big.gaps").tolist() == [1, 0]
+        assert f.get_tensor("big.escapes").tolist() == [2**32 - 1]
+        assert f.get_tensor("big.escapes").dtype == torch.int64
     loaded = load_delta(out)
+    assert loaded["big"].indices.dtype == torch.int64
     assert loaded["big"].indices.tolist() == [0, 2**32 - 1]
     assert_same(loaded, delta)
 
@@ -143,12 +150,18 @@ def test_fully_touched_parameter_is_stored_densely(tmp_path):
     )
     out = save_delta(delta, tmp_path / "d")
     with safe_open(str(out / "delta.safetensors"), "pt") as f:
-        assert sorted(f.keys()) == ["full.dense", "scalar.dense", "sparse.indices", "sparse.values"]
+        assert sorted(f.keys()) == [
+            "full.dense",
+            "scalar.dense",
+            "sparse.escapes",
+            "sparse.gaps",
+            "sparse.values",
+        ]
         assert f.get_tensor("full.dense").shape == (2, 3)
         assert torch.equal(f.get_tensor("full.dense"), values.to(torch.bfloat16).view(2, 3))
         assert f.get_tensor("scalar.dense").shape == ()
     params = json.loads((out / "delta_config.json").read_text())["parameters"]
-    assert params["full"]["storage"] == "dense" and params["sparse"]["storage"] == "sparse"
+    assert params["full"]["storage"] == "dense" and params["sparse"]["storage"] == "gaps"
     loaded = load_delta(out)
     assert loaded["full"].indices.tolist() == list(range(6))
     assert_same(loaded, delta)
@@ -184,10 +197,10 @@ def test_parse_size_rejects(size):
 def test_sharded_round_trip_and_index(tmp_path):
     delta = SparseDelta(
         {
-            "a": pd([0, 1, 2], [1.0, 2.0, 3.0], (10,)),  # 24 bytes
-            "b": pd([5], [1.0], (10,), values_dtype=torch.float16),  # 6 bytes
+            "a": pd([0, 1, 2], [1.0, 2.0, 3.0], (10,)),  # 2-byte bitmap + 12 bytes of values
+            "b": pd([5], [1.0], (10,), values_dtype=torch.float16),  # 1 gap, no escape, 2 bytes of value
             "c": ParamDelta(torch.arange(4), torch.ones(4), (4,), torch.float32),  # dense, 16 bytes
-            "d": pd(list(range(8)), [0.5] * 8, (10,)),  # 64 bytes: larger than a shard on its own
+            "d": pd(list(range(8)), [0.5] * 8, (10,)),  # 2 + 32 bytes: larger than a shard on its own
         },
         base_model="tiny/base",
         fingerprint={"b": tuple(float(i) for i in range(8))},
@@ -199,21 +212,22 @@ def test_sharded_round_trip_and_index(tmp_path):
     )
     index = json.loads((out / "delta.safetensors.index.json").read_text())
     assert index == {
-        "metadata": {"total_size": 24 + 6 + 16 + 64},
+        "metadata": {"total_size": 14 + 3 + 16 + 34},
         "weight_map": {
-            "a.indices": shards[0],
+            "a.bitmap": shards[0],
             "a.values": shards[0],
-            "b.indices": shards[0],
+            "b.gaps": shards[0],
+            "b.escapes": shards[0],
             "b.values": shards[0],
             "c.dense": shards[1],
-            "d.indices": shards[2],
+            "d.bitmap": shards[2],
             "d.values": shards[2],
         },
     }
     # Each shard describes itself: its own parameters and totals.
     with safe_open(str(out / shards[0]), "pt") as f:
         meta = f.metadata()
-    assert meta["format"] == "deltahub.sparse_delta" and meta["format_version"] == "1.0"
+    assert meta["format"] == "deltahub.sparse_delta" and meta["format_version"] == "1.1"
     shard_cfg = json.loads(meta["delta_config"])
     assert list(shard_cfg["parameters"]) == ["a", "b"]
     assert (shard_cfg["nnz"], shard_cfg["numel"]) == (4, 20)
@@ -255,15 +269,18 @@ def test_hand_written_delta_loads(tmp_path, header_config):
 
 def test_worked_example_in_the_spec_runs(tmp_path, monkeypatch, capsys):
     spec = (Path(__file__).parent.parent / "docs" / "format.md").read_text()
-    code = re.search(r"## 9\. Worked example.*?```python\n(.*?)```", spec, re.S).group(1)
+    section = re.search(r"## 9\. Worked example.*", spec, re.S).group(0)
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    expected = re.search(r"```text\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "docs/format.md", "exec"), {})
-    assert capsys.readouterr().out.splitlines() == [
-        "tensor([[ 0.0000,  0.5000,  0.0000,  0.0000],",
-        "        [-1.0000,  0.0000,  2.0000,  0.0000]])",
-    ]
+    assert capsys.readouterr().out == expected
     loaded = load_delta(tmp_path / "my-delta")
-    assert loaded["linear.bias"].indices.tolist() == [0, 1, 2] and loaded.provenance == {"made_by": "hand"}
+    assert [loaded[n].indices.tolist() for n in loaded] == [[1, 4, 300, 799], [0, 3, 8, 9], [0, 1, 2], [2]]
+    assert loaded["norm.weight"].values.dtype == torch.bfloat16 and loaded.provenance == {"made_by": "hand"}
+    # The writer itself would choose the same storages, except one byte of gap for head.weight's position.
+    saved = json.loads((save_delta(loaded, tmp_path / "again") / "delta_config.json").read_text())
+    assert [e["storage"] for e in saved["parameters"].values()] == ["gaps", "bitmap", "dense", "gaps"]
 
 
 def test_minor_version_and_unknown_keys_are_accepted(tmp_path):

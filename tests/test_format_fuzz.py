@@ -32,10 +32,16 @@ def load_or_format_error(path: Path) -> SparseDelta | None:
 
 
 def _reference() -> tuple[bytes, dict[str, bytes]]:
+    # One parameter in each storage: bitmap, dense, uint8 gaps with an escape, uint16 gaps with an escape, sparse.
     delta = SparseDelta(
         {
             "a": ParamDelta(torch.tensor([0, 2, 5]), torch.tensor([1.0, -2.0, 0.5]), (2, 3), torch.float32),
             "b": ParamDelta(torch.arange(4), torch.ones(4, dtype=torch.bfloat16), (4,), torch.bfloat16),
+            "c": ParamDelta(
+                torch.tensor([3, 4, 5, 6, 400]), torch.arange(5, dtype=torch.float16), (1000,), torch.float32
+            ),
+            "d": ParamDelta(torch.tensor([10, 70000, 99999]), torch.ones(3), (100_000,), torch.float32),
+            "e": ParamDelta(torch.tensor([300, 9_000_000]), torch.ones(2), (10_000_000,), torch.float32),
         },
         base_model="tiny/base",
         fingerprint={"a": (0.0,) * 8},
@@ -49,6 +55,7 @@ def _reference() -> tuple[bytes, dict[str, bytes]]:
 
 
 SINGLE_BYTES, SHARDED_FILES = _reference()
+STORAGES = {n: e["storage"] for n, e in json.loads(SHARDED_FILES["delta_config.json"])["parameters"].items()}
 INDEX = "delta.safetensors.index.json"
 
 json_scalars = (
@@ -100,7 +107,7 @@ def test_mutated_valid_file(edits, cut, as_folder):
         data = data[:cut]
     with tempfile.TemporaryDirectory() as tmp:
         if as_folder:
-            files = {**SHARDED_FILES, "delta-00001-of-00002.safetensors": bytes(data)}
+            files = {**SHARDED_FILES, "delta-00001-of-00005.safetensors": bytes(data)}
             path = write(Path(tmp) / "d", files)
         else:
             path = Path(tmp) / "x.safetensors"
@@ -288,3 +295,86 @@ def test_index_value_arrays(shape, entries, index_dtype, values_dtype):
         if loaded is not None:
             assert torch.equal(loaded["w"].indices.to(torch.int64), idx.to(torch.int64))
             assert torch.equal(loaded["w"].values.view(torch.uint8), vals.view(torch.uint8))
+
+
+def test_the_fuzzed_files_hold_every_storage():
+    assert STORAGES == {"a": "bitmap", "b": "dense", "c": "gaps", "d": "gaps", "e": "sparse"}
+    header = json.loads(SINGLE_BYTES[8:DATA_START])
+    assert (header["c.gaps"]["dtype"], header["c.escapes"]["shape"]) == ("U8", [1])
+    assert (header["d.gaps"]["dtype"], header["d.escapes"]["shape"]) == ("U16", [1])
+
+
+def _write_param(folder: Path, tensors: dict, storage: str, shape: list, nnz: int) -> Path:
+    folder.mkdir()
+    config = {
+        "format": "deltahub.sparse_delta",
+        "format_version": "1.1",
+        "parameters": {"w": {"shape": shape, "dtype": "float32", "nnz": nnz, "storage": storage}},
+    }
+    save_file(tensors, str(folder / "delta.safetensors"))
+    (folder / "delta_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@FUZZ
+@given(
+    st.integers(0, 70_000),
+    st.lists(st.integers(0, 300), max_size=12),
+    st.lists(st.integers(-5, 70_000), max_size=4),
+    st.sampled_from([torch.uint8, torch.int16]),
+    st.sampled_from([torch.int32, torch.int64]),
+    st.integers(-2, 2),
+)
+def test_gap_arrays(numel, gaps, escapes, gap_dtype, escape_dtype, nnz_shift):
+    """Arbitrary gap/escape arrays load exactly when an independent decode says they are valid, and then give
+    that decode's positions. (int16 stands in for uint16: same bytes, and safetensors' torch side lacks U16.)"""
+    limit = 255 if gap_dtype == torch.uint8 else 65535
+    stored = [g % (limit + 1) for g in gaps]
+    g = torch.tensor(stored, dtype=torch.int32).to(gap_dtype)
+    e = torch.tensor(escapes, dtype=escape_dtype)
+    nnz = len(stored) + nnz_shift
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _write_param(
+            Path(tmp) / "d",
+            {"w.gaps": g, "w.escapes": e, "w.values": torch.ones(len(stored))},
+            "gaps",
+            [numel],
+            nnz,
+        )
+        if gap_dtype == torch.int16:  # relabel the bytes as U16, which they are
+            data = (folder / "delta.safetensors").read_bytes().replace(b'"I16"', b'"U16"')
+            (folder / "delta.safetensors").write_bytes(data)
+        loaded = load_or_format_error(folder)
+    # The reference: every 0 takes the next escape, escapes are larger than the gap type and positions fit.
+    queue, positions, at, valid = list(escapes), [], -1, nnz == len(stored)
+    for gap in stored:
+        if gap == 0:
+            if not queue:
+                valid = False
+                break
+            gap = queue.pop(0)
+            valid &= gap > limit
+        at += gap
+        positions.append(at)
+    valid = valid and not queue and (not positions or positions[-1] < numel)
+    assert (loaded is not None) == valid, (stored, escapes, numel)
+    if loaded is not None:
+        assert loaded["w"].indices.tolist() == positions
+
+
+@FUZZ
+@given(st.integers(0, 40), st.binary(max_size=6), st.integers(-1, 1))
+def test_bitmap_arrays(numel, raw, nnz_shift):
+    bits = [i for i in range(len(raw) * 8) if raw[i // 8] >> (i % 8) & 1]
+    nnz = max(len(bits) + nnz_shift, 0)
+    values = torch.ones(nnz)
+    with tempfile.TemporaryDirectory() as tmp:
+        bitmap = torch.tensor(list(raw), dtype=torch.uint8)
+        folder = _write_param(
+            Path(tmp) / "d", {"w.bitmap": bitmap, "w.values": values}, "bitmap", [numel], nnz
+        )
+        loaded = load_or_format_error(folder)
+    valid = len(raw) == -(-numel // 8) and all(b < numel for b in bits) and nnz == len(bits)
+    assert (loaded is not None) == valid
+    if loaded is not None:
+        assert loaded["w"].indices.tolist() == bits

@@ -72,7 +72,7 @@ def test_index_without_weight_map(sharded, index):
 
 def test_index_total_size_must_match(sharded):
     edit_json(sharded / INDEX, lambda ix: ix["metadata"].update({"total_size": 999}))
-    with pytest.raises(DeltaFormatError, match="total_size is 999 but the shards hold 24 bytes"):
+    with pytest.raises(DeltaFormatError, match="total_size is 999 but the shards hold 14 bytes"):
         load_delta(sharded)
 
 
@@ -191,12 +191,13 @@ NAME = "model.layers.0.mlp.down_proj.weight"
         (lambda p: p[NAME].update(nnz=4), "says nnz 4 but the file holds 5 entries"),
         (lambda p: p[NAME].update(nnz=13), "nnz 13 exceeds the 12 elements"),
         (lambda p: p[NAME].update(nnz=True), "'nnz' must be a non-negative integer"),
-        (lambda p: p[NAME].update(storage="csr"), "'storage' must be 'sparse' or 'dense'"),
-        (lambda p: p[NAME].update(storage="dense"), "storage is 'dense' so nnz must equal numel 12"),
         (
-            lambda p: p[NAME].update(shape=[2, 4]),
-            "indices must lie in \\[0, 8\\) for shape \\[2, 8\\]|indices must lie",
+            lambda p: p[NAME].update(storage="csr"),
+            "'storage' must be one of 'sparse', 'dense', 'gaps', 'bitmap'",
         ),
+        (lambda p: p[NAME].update(storage="dense"), "storage is 'dense' so nnz must equal numel 12"),
+        # The file's 2-byte bitmap of a 12-element parameter cannot describe 8 elements.
+        (lambda p: p[NAME].update(shape=[2, 4]), "bitmap has 2 bytes; a parameter of 8 elements needs"),
         (lambda p: p[NAME].update(base_samples=[1.0]), "base_samples must be a list of 8 numbers"),
         (lambda p: p[NAME].update(base_samples=["x"] * 8), "base_samples entry 'x' is not a number"),
         (lambda p: p.pop(NAME), f"'{NAME}': has tensors in the files but no entry in delta_config.json"),

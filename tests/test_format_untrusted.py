@@ -83,7 +83,7 @@ def test_as_float():
         ),
         (
             lambda c: c.update(format_version="9" * 5000 + ".0"),
-            r"'format_version' must be a string 'MAJOR\.MINOR' like '1\.0'; got '9999",
+            r"'format_version' must be a string 'MAJOR\.MINOR' like '1\.1'; got '9999",
         ),
         (
             lambda c: c["parameters"][NAME].update(base_samples=[10**400] * 8),

@@ -317,6 +317,7 @@ def test_overwrite_replaces_an_existing_output(setup):
 
 
 def test_a_failure_mid_way_removes_the_temporary_folder(setup, monkeypatch):
+    # The torch path (the fast one has its own test in test_fast_merge.py).
     root, base, _, paths = setup
     calls = []
 
@@ -326,10 +327,12 @@ def test_a_failure_mid_way_removes_the_temporary_folder(setup, monkeypatch):
             raise RuntimeError("boom")
         return real(t, p, **kwargs)
 
-    import deltahub.merging.write as w
+    import deltahub.apply as a
+    import deltahub.merging.fast as fast
 
-    real = w.add_in_place
-    monkeypatch.setattr(w, "add_in_place", failing)
+    real = a.add_in_place
+    monkeypatch.setattr(a, "add_in_place", failing)
+    monkeypatch.setattr(fast, "eligible", lambda *args: False)
     before = file_hashes(base)
     with pytest.raises(RuntimeError, match="boom"):
         merge(base, paths, out=root / "out", progress=False)
@@ -340,7 +343,6 @@ def test_a_failure_mid_way_removes_the_temporary_folder(setup, monkeypatch):
 
 def test_disk_full_is_a_clear_error_and_leaves_nothing(setup, monkeypatch):
     root, base, _, paths = setup
-    import deltahub.merging as m
     import deltahub.merging.write as w
 
     real = w._write_all
@@ -361,7 +363,7 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(setup, monkeypatch):
     assert not (root / "out").exists()
     assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []
     # and when the planned size does not fit, before writing anything
-    monkeypatch.setattr(m.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10, 10))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10, 10))
     with pytest.raises(OutOfSpaceError, match=r"\(.* needed, 10 B free\)"):
         merge(base, paths, out=root / "out", progress=False)
 

@@ -103,7 +103,9 @@ def test_merge_config_round_trips_through_yaml(tmp_path):
 
 def test_merge_config_lists_every_problem(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("base: 3\ndeltas:\n  - {path: ./a, weight: .nan, extra: 1}\n  - 7\nmethod: ties\ncolour: red\n")
+    path.write_text(
+        "base: 3\ndeltas:\n  - {path: ./a, weight: .nan, extra: 1}\n  - 7\nmethod: ties\ncolour: red\n"
+    )
     with pytest.raises(MergeConfigError) as info:
         MergeConfig.from_yaml(path)
     text = str(info.value)
@@ -122,7 +124,9 @@ def test_keyword_arguments_become_the_verbs_flags():
     @click.option("--on-mismatch")
     def verb(base, out, overwrite, on_mismatch): ...
 
-    message = "x exists; pass overwrite=True; retry with on_mismatch='skip'; `out` and `base` must differ; token=1"
+    message = (
+        "x exists; pass overwrite=True; retry with on_mismatch='skip'; `out` and `base` must differ; token=1"
+    )
     assert to_flags(message, verb) == (
         "x exists; pass --overwrite; retry with --on-mismatch skip; --out and BASE must differ; token=1"
     )
@@ -175,7 +179,9 @@ def test_no_core_module_imports_the_demo_or_training():
             if isinstance(node, ast.ImportFrom):
                 package = rel.split("/")[:-1]
                 base = package[: len(package) - node.level + 1] if node.level else []
-                module = ".".join(["deltahub", *base, node.module or ""] if node.level else [node.module or ""])
+                module = ".".join(
+                    ["deltahub", *base, node.module or ""] if node.level else [node.module or ""]
+                )
                 names = [module] + [f"{module}.{a.name}" for a in node.names]
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]

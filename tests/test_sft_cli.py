@@ -85,7 +85,10 @@ def test_train_errors_are_one_clear_line(tmp_path, base_folder):
     (tmp_path / "taken" / "x").write_text("keep")
     proc = run("train", base_folder, text, "--out", tmp_path / "taken")
     assert proc.returncode == 4
-    assert proc.stderr == f"error: {tmp_path / 'taken'} already exists and is not empty; pass --overwrite to replace it\n"
+    assert (
+        proc.stderr
+        == f"error: {tmp_path / 'taken'} already exists and is not empty; pass --overwrite to replace it\n"
+    )
     proc = run("train", base_folder, text, "--out", tmp_path / "d", "--density", 2)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: invalid SftConfig: density must be a number in (0, 1]; got 2.0" in proc.stderr

@@ -45,14 +45,21 @@ EXIT_CODES: tuple[ExitCode, ...] = (
               E.UnconvertedAdapterError, E.ConversionError)),
     ExitCode(6, "wrong base: a delta does not belong to the base model (see --force)", (E.BaseMismatchError,)),
     ExitCode(7, "Hub authentication: a missing, invalid or read-only token", (E.HubAuthError,)),
-    ExitCode(8, "Hub unreachable or failing (offline without a cached copy, a server error)",
-             (E.HubConnectionError, E.HubError)),
-    ExitCode(9, "the output cannot be written: out of disk space, a read-only filesystem, a file-size limit",
-             (E.OutOfSpaceError, E.OutputNotWritableError)),
+    ExitCode(
+        8,
+        "Hub unreachable or failing (offline without a cached copy, a server error)",
+        (E.HubConnectionError, E.HubError),
+    ),
+    ExitCode(
+        9,
+        "the output cannot be written: out of disk space, a read-only filesystem, a file-size limit",
+        (E.OutOfSpaceError, E.OutputNotWritableError),
+    ),
     ExitCode(10, "an optional package is missing (the message says what to install)", (E.MissingExtraError,)),
     ExitCode(11, "other deltahub errors (e.g. a revert that would not restore the base)", (E.DeltahubError,)),
-    ExitCode(1, "an unexpected error (a bug: please report it with DELTAHUB_DEBUG=1's traceback)",
-             (Exception,)),
+    ExitCode(
+        1, "an unexpected error (a bug: please report it with DELTAHUB_DEBUG=1's traceback)", (Exception,)
+    ),
 )
 INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import click
 
-from .._dtypes import VALUE_DTYPES
+from .._dtypes import VALUE_DTYPE_NAMES
 from ..methods import available_methods, get_method
 
-DTYPES = list(VALUE_DTYPES)
+DTYPES = list(VALUE_DTYPE_NAMES)
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -23,6 +23,8 @@ class FiniteFloatRange(click.FloatRange):
         if not math.isfinite(result):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return result
+
+
 TOKEN_HELP = "Hub token (default: HF_TOKEN or the `hf auth login` cache). Never printed."
 
 
@@ -61,7 +63,9 @@ def _method_option_specs() -> dict[str, tuple[type, str]]:
     specs: dict[str, tuple[type, list[str]]] = {}
     for name in available_methods():
         for key, option in get_method(name).options.items():
-            specs.setdefault(key, (option.kind, []))[1].append(f"{name}: {option.help}, {option.range}, default {option.default:g}")
+            specs.setdefault(key, (option.kind, []))[1].append(
+                f"{name}: {option.help}, {option.range}, default {option.default:g}"
+            )
     return {key: (kind, "; ".join(parts) + ".") for key, (kind, parts) in specs.items()}
 
 

@@ -50,8 +50,4 @@ def inspect(deltas: tuple[str, ...], as_json: bool, plot: Path | None) -> None:
     if plotted is not None:
         click.echo(f"plot written to {plotted.path}")
         if plotted.left_out:
-            click.echo(
-                f"  not in the plot (outside the repeated layers): {', '.join(plotted.left_out)}"
-            )
-
-
+            click.echo(f"  not in the plot (outside the repeated layers): {', '.join(plotted.left_out)}")

@@ -19,7 +19,6 @@ def is_delta(ref: str) -> bool:
     from ..errors import HubError
     from ..format.spec import CONFIG_FILE, FORMAT_NAME
     from ..hub_ids import is_ref
-    from ..loading import load_delta
 
     path = Path(ref)
     if path.exists():
@@ -32,10 +31,12 @@ def is_delta(ref: str) -> bool:
             return False
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:
             return (f.metadata() or {}).get("format") == FORMAT_NAME
     if not is_ref(ref):
         return False
+    from ..loading import load_delta  # torch: only for a Hub reference (a local merge may run without it)
+
     try:
         load_delta(ref)  # only the delta's own files are fetched (into the cache the merge then reads)
     except HubError:  # not a delta (a model repo), or unreachable: it is the base, whose errors then tell
@@ -136,7 +137,9 @@ def merge(
                 f"got {len(weights)} --weight for {len(config.deltas)} deltas; give one per delta, in order"
             )
         config = config.replace(
-            deltas=tuple(DeltaEntry(d.path, w, d.revision) for d, w in zip(config.deltas, weights, strict=True))
+            deltas=tuple(
+                DeltaEntry(d.path, w, d.revision) for d, w in zip(config.deltas, weights, strict=True)
+            )
         )
     changes = {"method": method, "dtype": dtype, "max_shard_size": max_shard_size}
     config = config.replace(**{k: v for k, v in changes.items() if v is not None})
@@ -160,4 +163,8 @@ def merge(
         )
 
 
-merge.help = inspect.cleandoc(merge.help or "") + "\n\n\b\nmerge.yaml:\n" + "".join(f"  {line}\n" for line in EXAMPLE.splitlines())
+merge.help = (
+    inspect.cleandoc(merge.help or "")
+    + "\n\n\b\nmerge.yaml:\n"
+    + "".join(f"  {line}\n" for line in EXAMPLE.splitlines())
+)

@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from .._dtypes import VALUE_DTYPES, parse_dtype
-from ..delta import SparseDelta
+from .._dtypes import parse_dtype
 from ..errors import ConversionError, PathNotFoundError
 from ..format.spec import CONFIG_FILE
-from .base import BaseLike
 from .detect import COMPOSABLE_SFT, FORMATS, PEFT_LORA, SFT_FORK, detect_format
+
+if TYPE_CHECKING:  # torch only when converting: every verb asks convert.detect whether a path is an adapter
+    import torch
+
+    from ..delta import SparseDelta
+    from .base import BaseLike
 
 __all__ = ["FORMATS", "convert_adapter", "detect_format"]
 
@@ -85,6 +88,8 @@ def convert_adapter(
             f"{path} is not an adapter deltahub converts: expected an SFT-fork or LoRA folder (adapter_config.json "
             "with adapter_model.safetensors or .bin) or a composable-sft pytorch_diff.bin"
         )
+    from .._dtypes import VALUE_DTYPES
+
     vd = (
         parse_dtype(values_dtype, allowed=VALUE_DTYPES, what="values_dtype")
         if values_dtype is not None

@@ -103,7 +103,9 @@ def prepare_base(out: Path, *, model: str | None, fast: bool, seed: int, echo: E
     elif model:
         folder, what = Path(model), f"{model} (--model)"
         if not (folder / "config.json").is_file():
-            raise PathNotFoundError(f"no model folder at {model!r}: `model` must be a folder written by save_pretrained")
+            raise PathNotFoundError(
+                f"no model folder at {model!r}: `model` must be a folder written by save_pretrained"
+            )
     else:
         # The first run converts the GGUF (~30 s); later runs find the folder in the cache.
         folder = smollm2_folder()
@@ -334,7 +336,9 @@ def share(
         for f in path.glob("*.safetensors")
     )
     echo(f"      the pulled deltas are byte-identical to the trained ones: {identical}")
-    return Shared({n: pulled_dir / n for n in deltas}, repos, namespace, hub_root if local else None, identical)
+    return Shared(
+        {n: pulled_dir / n for n in deltas}, repos, namespace, hub_root if local else None, identical
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -429,7 +433,9 @@ def deploy(
 
     echo = run.echo
     a, b = (str(p) for p in pulled.values())
-    echo(f"[7/8] merge both deltas with TIES into a standard model folder ({dtype_name(base.dtype)}, the base's dtype):")
+    echo(
+        f"[7/8] merge both deltas with TIES into a standard model folder ({dtype_name(base.dtype)}, the base's dtype):"
+    )
     run("merge", str(base.folder), a, b, "--method", "ties", "--out", str(merged))
     plain = AutoModelForCausalLM.from_pretrained(merged, dtype=base.dtype).eval()
     composed = load_model(str(base.folder), [a, b], method="ties", dtype=base.dtype).eval()
@@ -468,7 +474,12 @@ def deploy(
 
 
 def recap(
-    echo: Echo, elapsed: float, outputs: list[tuple[Path, str]], commands: list[str], shared: Shared, base: Path
+    echo: Echo,
+    elapsed: float,
+    outputs: list[tuple[Path, str]],
+    commands: list[str],
+    shared: Shared,
+    base: Path,
 ) -> None:
     echo(f"[8/8] done in {elapsed / 60:.1f} min ({elapsed:.0f} s). Outputs:")
     for path, what in outputs:

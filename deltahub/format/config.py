@@ -10,31 +10,32 @@ import json
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .._dtypes import BASE_DTYPES, VALUE_DTYPES, dtype_name
+from .._dtypes import BASE_DTYPE_NAMES, VALUE_DTYPE_NAMES
 from .._version import __version__
-from ..delta import ParamDelta, SparseDelta
 from ..errors import InvalidArgumentError
-from ..fingerprint import SAMPLES
 from .spec import (
     FINGERPRINT_METHOD,
+    FINGERPRINT_SAMPLES,
     FORMAT_NAME,
     FORMAT_VERSION,
     NONFINITE,
     STORAGE_DENSE,
-    STORAGE_SPARSE,
+    STORAGE_PARTS,
+    STORAGE_SINCE,
+    SUPPORTED_MINOR,
 )
 from .untrusted import MAX_NAME, as_float, is_int, preview, shape_problem
+
+if TYPE_CHECKING:  # the parsing half of this module runs without torch (the streaming merge's fast path)
+    from ..delta import SparseDelta
 
 RESAVE = "re-save the delta with deltahub.save_delta"
 
 
-def stored_densely(p: ParamDelta) -> bool:
-    # nnz == numel means the indices are exactly arange(numel): storing them would only double the bytes.
-    return p.numel > 0 and p.nnz == p.numel
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _sample_json(x: float) -> float | str:
@@ -45,15 +46,24 @@ def _sample_json(x: float) -> float | str:
     return float(x)
 
 
-def _values_dtype_name(params: list[ParamDelta]) -> str | None:
-    dtypes = {p.values.dtype for p in params}
+def _values_dtype_name(names: list[str]) -> str | None:
+    dtypes = set(names)
     if not dtypes:
         return None
-    return dtype_name(dtypes.pop()) if len(dtypes) == 1 else "mixed"
+    return dtypes.pop() if len(dtypes) == 1 else "mixed"
 
 
-def build_config(delta: SparseDelta, names: list[str] | None = None) -> dict[str, Any]:
-    """The ``delta_config.json`` content for ``delta``, or for the subset ``names`` (a shard's own config)."""
+def build_config(
+    delta: SparseDelta,
+    storages: dict[str, str],
+    values_dtypes: dict[str, str],
+    names: list[str] | None = None,
+) -> dict[str, Any]:
+    """The ``delta_config.json`` content for ``delta``, or for the subset ``names`` (a shard's own config).
+
+    ``storages`` and ``values_dtypes`` say how the writer stores each parameter (its storage, and the dtype
+    name of its values as written).
+    """
 
     names = list(delta) if names is None else names
     params = [delta[n] for n in names]
@@ -63,9 +73,9 @@ def build_config(delta: SparseDelta, names: list[str] | None = None) -> dict[str
     for name, p in zip(names, params, strict=True):
         entry: dict[str, Any] = {
             "shape": list(p.shape),
-            "dtype": dtype_name(p.dtype),
+            "dtype": _dtype_name(p.dtype),
             "nnz": p.nnz,
-            "storage": STORAGE_DENSE if stored_densely(p) else STORAGE_SPARSE,
+            "storage": storages[name],
         }
         if name in delta.fingerprint:
             entry["base_samples"] = [_sample_json(x) for x in delta.fingerprint[name]]
@@ -76,13 +86,15 @@ def build_config(delta: SparseDelta, names: list[str] | None = None) -> dict[str
         "deltahub_version": __version__,
         "base_model": delta.base_model,
         "base_revision": delta.base_revision,
-        "values_dtype": _values_dtype_name(params),
+        "values_dtype": _values_dtype_name([values_dtypes[n] for n in names]),
         "nnz": nnz,
         "numel": numel,
         "density": nnz / numel if numel else 0.0,
         "parameters": entries,
         "fingerprint": (
-            {"method": FINGERPRINT_METHOD, "samples_per_parameter": SAMPLES} if delta.fingerprint else None
+            {"method": FINGERPRINT_METHOD, "samples_per_parameter": FINGERPRINT_SAMPLES}
+            if delta.fingerprint
+            else None
         ),
         "provenance": delta.provenance,
     }
@@ -120,7 +132,7 @@ class ParamSpec:
     """One parameter's entry in ``delta_config.json``, validated."""
 
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: str  # the base parameter's dtype name, one of BASE_DTYPE_NAMES
     nnz: int
     storage: str
     samples: tuple[float, ...] | None
@@ -131,6 +143,7 @@ class DeltaConfig:
     """``delta_config.json`` (or a header's ``delta_config``), validated; ``where`` names its source."""
 
     where: str
+    minor: int = SUPPORTED_MINOR  # the format minor version the config declares
     base_model: str | None = None
     base_revision: str | None = None
     values_dtype: str | None = None
@@ -159,8 +172,27 @@ def _parse_samples(raw: object, numel: int, per_param: int, where: str, problems
     return tuple(out)
 
 
+def _storage_problem(storage: object, minor: int) -> str | None:
+    if not isinstance(storage, str):  # a list would not even hash
+        return f"'storage' must be one of {', '.join(repr(s) for s in STORAGE_PARTS)}, got {preview(storage, 40)}"
+    if storage in STORAGE_PARTS and STORAGE_SINCE[storage] <= minor:
+        return None
+    known = ", ".join(repr(s) for s in STORAGE_PARTS)
+    if storage in STORAGE_PARTS:
+        return (
+            f"storage {storage!r} is format 1.{STORAGE_SINCE[storage]} but the config says format_version "
+            f"1.{minor}; {RESAVE}"
+        )
+    if minor > SUPPORTED_MINOR:
+        return (
+            f"storage {preview(storage, 40)} is not one this deltahub reads ({known}): the delta is format 1.{minor}, "
+            f"newer than this deltahub's 1.{SUPPORTED_MINOR}; upgrade deltahub: pip install -U deltahub"
+        )
+    return f"'storage' must be one of {known}, got {preview(storage, 40)}"
+
+
 def _parse_param(
-    name: str, raw: object, where: str, per_param: int | None, problems: list[str]
+    name: str, raw: object, where: str, per_param: int | None, minor: int, problems: list[str]
 ) -> ParamSpec | None:
     at = f"{where}: parameter {preview(name, 200)}"
     if len(name) > MAX_NAME:
@@ -174,14 +206,15 @@ def _parse_param(
     shape_bad = shape_problem(shape)  # rank and size first: math.prod of 100,000 dimensions is quadratic
     if shape_bad:
         bad.append(shape_bad)
-    if not isinstance(dtype, str) or dtype not in BASE_DTYPES:
+    if not isinstance(dtype, str) or dtype not in BASE_DTYPE_NAMES:
         bad.append(
-            f"'dtype' (the base parameter's dtype) must be one of {', '.join(BASE_DTYPES)}, got {dtype!r}"
+            f"'dtype' (the base parameter's dtype) must be one of {', '.join(BASE_DTYPE_NAMES)}, got {dtype!r}"
         )
     if not is_int(nnz) or nnz < 0:
         bad.append(f"'nnz' must be a non-negative integer, got {preview(nnz, 40)}")
-    if storage not in (STORAGE_SPARSE, STORAGE_DENSE):
-        bad.append(f"'storage' must be {STORAGE_SPARSE!r} or {STORAGE_DENSE!r}, got {preview(storage, 40)}")
+    storage_problem = _storage_problem(storage, minor)
+    if storage_problem:
+        bad.append(storage_problem)
     if bad:
         problems.append(f"{at}: {'; '.join(bad)}")
         return None
@@ -200,11 +233,12 @@ def _parse_param(
             )
         elif per_param > 0:
             samples = _parse_samples(raw["base_samples"], numel, per_param, at, problems)
-    return ParamSpec(tuple(shape), BASE_DTYPES[dtype], nnz, storage, samples)
+    return ParamSpec(tuple(shape), dtype, nnz, storage, samples)
 
 
 def parse_config(obj: dict[str, Any], where: str, problems: list[str]) -> DeltaConfig:
-    cfg = DeltaConfig(where)
+    """Validate a config whose format and version were already checked (``spec.version_problem``)."""
+    cfg = DeltaConfig(where, minor=int(obj["format_version"].split(".")[1]))
     for key in ("base_model", "base_revision"):
         value = obj.get(key)
         if value is not None and not isinstance(value, str):
@@ -212,9 +246,9 @@ def parse_config(obj: dict[str, Any], where: str, problems: list[str]) -> DeltaC
         else:
             setattr(cfg, key, value)
     vd = obj.get("values_dtype")
-    if vd is not None and vd != "mixed" and (not isinstance(vd, str) or vd not in VALUE_DTYPES):
+    if vd is not None and vd != "mixed" and (not isinstance(vd, str) or vd not in VALUE_DTYPE_NAMES):
         problems.append(
-            f"{where}: 'values_dtype' must be one of {', '.join(VALUE_DTYPES)} or 'mixed', got {preview(vd, 40)}"
+            f"{where}: 'values_dtype' must be one of {', '.join(VALUE_DTYPE_NAMES)} or 'mixed', got {preview(vd, 40)}"
         )
     else:
         cfg.values_dtype = vd
@@ -249,10 +283,10 @@ def parse_config(obj: dict[str, Any], where: str, problems: list[str]) -> DeltaC
                 f"{where}: 'fingerprint' must be null or {{'method': str, 'samples_per_parameter': int}}"
             )
             per_param = 0  # reported once here, not again for every parameter's base_samples
-        elif fp["method"] == FINGERPRINT_METHOD and fp["samples_per_parameter"] != SAMPLES:
+        elif fp["method"] == FINGERPRINT_METHOD and fp["samples_per_parameter"] != FINGERPRINT_SAMPLES:
             # 0 or a negative count would silently switch the base check off; samples-v1 always has 8.
             problems.append(
-                f"{where}: 'fingerprint' method {FINGERPRINT_METHOD!r} has samples_per_parameter {SAMPLES}, got "
+                f"{where}: 'fingerprint' method {FINGERPRINT_METHOD!r} has samples_per_parameter {FINGERPRINT_SAMPLES}, got "
                 f"{preview(fp['samples_per_parameter'], 40)}; {RESAVE}"
             )
             per_param = 0
@@ -275,8 +309,8 @@ def parse_config(obj: dict[str, Any], where: str, problems: list[str]) -> DeltaC
     if "values_dtype" in obj and vd is None and params:
         problems.append(
             f"{where}: 'values_dtype' is null but the delta has {len(params)} parameters; set it to their values' "
-            f"dtype ({', '.join(VALUE_DTYPES)}) or 'mixed'"
+            f"dtype ({', '.join(VALUE_DTYPE_NAMES)}) or 'mixed'"
         )
     for name, raw in params.items():
-        cfg.params[name] = _parse_param(name, raw, where, per_param, problems)
+        cfg.params[name] = _parse_param(name, raw, where, per_param, cfg.minor, problems)
     return cfg

@@ -5,7 +5,7 @@ header describes each tensor's dtype, shape and ``[begin, end)`` byte range insi
 all of it against the real file size first, so a header that lies about sizes can never make us (or
 safetensors) allocate or map memory in proportion to its claims, and every problem is reported in words
 instead of a library exception. The delta reader allows the format's dtypes only; the streaming merge reads a
-base checkpoint's headers with every safetensors dtype (``dtypes=SAFETENSORS_DTYPES``).
+base checkpoint's headers with every safetensors dtype (``dtypes=_dtypes.ST_ITEMSIZES``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .spec import MAX_HEADER_SIZE, ST_DTYPES
+from .spec import MAX_HEADER_SIZE, ST_ITEMSIZE
 from .untrusted import MAX_NAME, MAX_RANK, is_int, open_regular, preview, shape_problem
 
 _REPAIR = "the file is truncated, corrupted or not a safetensors file: re-download it or re-save the delta"
@@ -69,15 +69,15 @@ MAX_CHECKPOINT_RANK = 32
 
 
 def read_header(
-    path: Path, label: str, *, dtypes: Mapping[str, Any] = ST_DTYPES
+    path: Path, label: str, *, dtypes: Mapping[str, int] = ST_ITEMSIZE
 ) -> tuple[Header | None, list[str]]:
     """Read and validate the header of the safetensors file at ``path``.
 
     Args:
         path: the file.
         label: how problems name the file (usually its name inside the delta folder).
-        dtypes: the safetensors dtype codes allowed (default: a delta's), each mapped to a torch dtype or to a
-            ``(torch dtype, item size)`` pair.
+        dtypes: the safetensors dtype codes allowed, with their item sizes (default: a delta's; the merge reads
+            base checkpoints with every safetensors dtype, ``_dtypes.ST_ITEMSIZES``).
 
     Returns:
         ``(header, [])`` when valid, else ``(None, problems)``.
@@ -117,12 +117,8 @@ def read_header(
     return (replace(header, data_start=8 + n) if header else None), problems
 
 
-def _itemsize(entry: Any) -> int:
-    return entry[1] if isinstance(entry, tuple) else entry.itemsize
-
-
 def _check_entries(
-    obj: dict[str, Any], data_len: int, label: str, dtypes: Mapping[str, Any]
+    obj: dict[str, Any], data_len: int, label: str, dtypes: Mapping[str, int]
 ) -> tuple[Header | None, list[str]]:
     problems: list[str] = []
     metadata = obj.get("__metadata__", {})
@@ -145,11 +141,15 @@ def _check_entries(
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         bad = []
         if not isinstance(dtype, str) or dtype not in dtypes:
-            allowed = "F32, BF16, F16 values; I32, I64 indices" if dtypes is ST_DTYPES else ", ".join(dtypes)
-            what = "in a delta" if dtypes is ST_DTYPES else "here"
+            allowed = (
+                "F32, BF16, F16 values; I32, I64 indices and escapes; U8, U16 gaps and bitmaps"
+                if dtypes is ST_ITEMSIZE
+                else ", ".join(dtypes)
+            )
+            what = "in a delta" if dtypes is ST_ITEMSIZE else "here"
             bad.append(f"dtype {preview(dtype, 20)} is not allowed {what} ({allowed})")
         # Rank and size before any product: a shape of 100,000 dimensions would otherwise cost quadratic time.
-        shape_bad = shape_problem(shape, "shape", MAX_RANK if dtypes is ST_DTYPES else MAX_CHECKPOINT_RANK)
+        shape_bad = shape_problem(shape, "shape", MAX_RANK if dtypes is ST_ITEMSIZE else MAX_CHECKPOINT_RANK)
         if shape_bad:
             bad.append(shape_bad)
         if not (
@@ -165,7 +165,7 @@ def _check_entries(
             problems.append(f"{where}: {'; '.join(bad)}; {_REPAIR}")
             continue
         begin, end = offsets
-        nbytes = math.prod(shape) * _itemsize(dtypes[dtype])
+        nbytes = math.prod(shape) * dtypes[dtype]
         if end - begin != nbytes:
             problems.append(
                 f"{where}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets span "

@@ -1,41 +1,55 @@
-"""Reading a format-v1 delta (a folder or a lone ``.safetensors`` file) into a :class:`~deltahub.SparseDelta`.
+"""Reading a format-1.x delta (a folder or a lone ``.safetensors`` file).
 
 Files may come from strangers, so everything is checked and every problem is collected into one
 :class:`~deltahub.DeltaFormatError`. The order matters for safety: the config and every raw header are checked
-first (sizes against the real file), and only then are tensors memory-mapped through safetensors; their
-contents are checked with vectorised torch operations (no per-element Python) so loading stays fast.
+first (sizes against the real file), and only then are tensor bytes read, each into an array of exactly the
+size the checked header gives; their contents are checked with vectorised numpy operations (no per-element
+Python) so loading stays fast.
+
+:func:`read_delta` does all of that without torch and returns numpy arrays (the streaming merge's fast path
+uses it); :func:`load_delta` turns the result into a :class:`~deltahub.SparseDelta`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import safe_open
+import numpy as np
 
-from .._dtypes import VALUE_DTYPES, dtype_name, index_dtype_for
-from ..delta import ParamDelta, SparseDelta, _param_problems
+from .._dtypes import VALUE_DTYPE_NAMES
 from ..errors import DeltaFormatError
+from . import encoding
 from .config import RESAVE, DeltaConfig, ParamSpec, is_int, parse_config
-from .header import Header, parse_json, read_header
+from .header import Header, TensorEntry, parse_json, read_header
 from .spec import (
+    BITMAP,
     CONFIG_FILE,
     DENSE,
+    ESCAPES,
+    GAPS,
     INDEX_FILE,
     INDICES,
     MAX_HEADER_SIZE,
     SINGLE_FILE,
+    STORAGE_BITMAP,
     STORAGE_DENSE,
+    STORAGE_GAPS,
+    STORAGE_HELP,
+    STORAGE_PARTS,
     STORAGE_SPARSE,
     SUFFIXES,
+    VALUE_CODES,
     VALUES,
     version_problem,
 )
-from .untrusted import preview, read_capped, regular_file
+from .untrusted import open_regular, preview, read_capped, regular_file
+
+if TYPE_CHECKING:
+    from ..delta import SparseDelta
 
 # Beyond this many, more lines would bury the first ones (a corrupt file can produce thousands).
 MAX_PROBLEMS = 50
@@ -115,29 +129,195 @@ def _shard_names(index: object, problems: list[str]) -> tuple[list[str], dict[st
     return list(files), weight_map, total
 
 
-def _load_tensor(handle: Any, key: str, label: str, problems: list[str]) -> torch.Tensor | None:
-    try:
-        return handle.get_tensor(key)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # SafetensorError, and pyo3's PanicException (a BaseException) on a Rust panic
-        problems.append(f"{label}: tensor {key!r} cannot be read ({str(e)[:200]}); re-download or {RESAVE}")
+# Safetensors codes as little-endian numpy dtypes; bfloat16 values stay raw uint16 bits (numpy has no bfloat16).
+_NUMPY = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "I32": np.dtype("<i4"),
+    "I64": np.dtype("<i8"),
+    "U8": np.dtype("u1"),
+    "U16": np.dtype("<u2"),
+}
+
+
+@dataclass
+class RawParam:
+    """One parameter as read and checked: positions and raw values, no torch.
+
+    Attributes:
+        positions: sorted unique flat positions, int32 (int64 from 2**31 elements).
+        values: the stored values, float32/float16, or the raw uint16 bits of bfloat16 values.
+        values_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        shape: the base parameter's shape.
+        dtype: the base parameter's dtype name.
+        storage: how the file stored it (``sparse``, ``gaps``, ``bitmap`` or ``dense``).
+    """
+
+    positions: np.ndarray
+    values: np.ndarray
+    values_dtype: str
+    shape: tuple[int, ...]
+    dtype: str
+    storage: str
+
+    @property
+    def nnz(self) -> int:
+        return int(self.positions.size)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class RawDelta:
+    """A checked delta as numpy arrays (what :func:`read_delta` returns)."""
+
+    source: str
+    params: dict[str, RawParam]
+    base_model: str | None = None
+    base_revision: str | None = None
+    fingerprint: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)
+
+    # The parts of the SparseDelta interface that common_base and check_base use.
+    def items(self):
+        return self.params.items()
+
+    def __iter__(self):
+        return iter(self.params)
+
+    def __getitem__(self, name: str) -> RawParam:
+        return self.params[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.params
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    @property
+    def nnz(self) -> int:
+        return sum(p.nnz for p in self.params.values())
+
+
+class _File:
+    """An open tensor file whose header passed :func:`read_header`: reads one tensor's bytes at a time."""
+
+    def __init__(self, path: Path, header: Header, label: str):
+        self.label = label
+        self.header = header
+        self._fd = open_regular(path)  # not os.open alone: a FIFO swapped in since the header was read blocks
+        self._data_start = header.data_start
+
+    def read(self, key: str) -> np.ndarray | str:
+        """The tensor as a 1-D numpy array (reshape with :meth:`shape`), or why it could not be read."""
+        entry: TensorEntry = self.header.tensors[key]
+        out = np.empty(math.prod(entry.shape), dtype=_NUMPY[entry.dtype])
+        view = memoryview(out).cast("B")
+        done = 0
+        while done < len(view):
+            try:
+                got = os.preadv(self._fd, [view[done:]], self._data_start + entry.begin + done)
+            except OSError as e:
+                return f"tensor {key!r} cannot be read ({e.strerror or e}); re-download or {RESAVE}"
+            if got == 0:
+                return f"file shrank while tensor {key!r} was read; re-download or {RESAVE}"
+            done += got
+        return out
+
+    def code(self, key: str) -> str:
+        return self.header.tensors[key].dtype
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.header.tensors[key].shape
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _dims(file: _File, keys: list[str]) -> str | None:
+    if all(len(file.shape(k)) == 1 for k in keys):
         return None
+    shapes = " and ".join(f"{k.rsplit('.', 1)[1]} of shape {list(file.shape(k))}" for k in keys)
+    return f"{', '.join(k.rsplit('.', 1)[1] for k in keys)} must be 1-D; got {shapes}"
 
 
-def _check_dense(t: torch.Tensor, spec: ParamSpec) -> list[str]:
-    out = []
-    if t.dtype not in VALUE_DTYPES.values():
-        out.append(f"dense values dtype must be one of {', '.join(VALUE_DTYPES)}; got {dtype_name(t.dtype)}")
-    elif tuple(t.shape) != spec.shape:
-        out.append(
-            f"dense tensor has shape {list(t.shape)} but the parameter's declared shape is {list(spec.shape)}"
-        )
-    elif not bool(torch.isfinite(t).all()):
-        out.append(
-            f"{int((~torch.isfinite(t)).sum())} values are NaN or infinite; every value must be finite"
-        )
-    return out
+def _values_code(file: _File, key: str, what: str = "values") -> str | None:
+    code = file.code(key)
+    if code in VALUE_CODES:
+        return None
+    return f"{what} dtype must be one of {', '.join(VALUE_DTYPE_NAMES)}; got {_code_name(code)}"
+
+
+def _code_name(code: str) -> str:
+    return {**VALUE_CODES, "I32": "int32", "I64": "int64", "U8": "uint8", "U16": "uint16"}.get(code, code)
+
+
+def _read_param(
+    file: _File, name: str, storage: str, spec: ParamSpec, where: str
+) -> tuple[RawParam | None, list[str]]:
+    """Check one parameter's tensors (dtypes and lengths from the header first, then contents) and decode it."""
+    numel = math.prod(spec.shape)
+    keys = [name + s for s in STORAGE_PARTS[storage]]
+    if storage == STORAGE_DENSE:
+        bad = _values_code(file, keys[0], "dense values")
+        if bad is None and file.shape(keys[0]) != spec.shape:
+            bad = (
+                f"dense tensor has shape {list(file.shape(keys[0]))} but the parameter's declared shape is "
+                f"{list(spec.shape)}"
+            )
+        if bad:
+            return None, [bad]
+    else:
+        bad = _dims(file, keys)
+        if bad:
+            return None, [bad]
+        first, values = keys[0], name + VALUES
+        want = {STORAGE_SPARSE: ("I32", "I64"), STORAGE_GAPS: ("U8", "U16"), STORAGE_BITMAP: ("U8",)}[storage]
+        what = {STORAGE_SPARSE: "indices", STORAGE_GAPS: "gaps", STORAGE_BITMAP: "bitmap"}[storage]
+        if file.code(first) not in want:
+            names = " or ".join(_code_name(c) for c in want)
+            return None, [f"{what} dtype must be {names}; got {_code_name(file.code(first))}"]
+        if storage == STORAGE_GAPS and file.code(name + ESCAPES) not in ("I32", "I64"):
+            return None, [
+                f"escapes dtype must be int32 or int64; got {_code_name(file.code(name + ESCAPES))}"
+            ]
+        bad = _values_code(file, values)
+        if bad:
+            return None, [bad]
+        count = file.shape(values)[0]
+        if storage != STORAGE_BITMAP and file.shape(first)[0] != count:
+            return None, [f"{file.shape(first)[0]} {what} but {count} values; they must have the same length"]
+        if count != spec.nnz:
+            return None, [f"{where} says nnz {spec.nnz} but the file holds {count} entries"]
+    arrays = {}
+    for key in keys:
+        arr = file.read(key)
+        if isinstance(arr, str):
+            return None, [arr]
+        arrays[key[len(name) :]] = arr
+    values_key = DENSE if storage == STORAGE_DENSE else VALUES
+    values, code = arrays[values_key], file.code(name + values_key)
+    if storage == STORAGE_SPARSE:
+        problems = encoding.sparse_problems(arrays[INDICES], spec.shape)
+        positions = None if problems else arrays[INDICES].astype(encoding.index_dtype(numel), copy=False)
+    elif storage == STORAGE_GAPS:
+        problems = encoding.gaps_problems(arrays[GAPS], file.code(name + GAPS), arrays[ESCAPES], numel)
+        positions = None if problems else encoding.decode_gaps(arrays[GAPS], arrays[ESCAPES], numel)
+    elif storage == STORAGE_BITMAP:
+        problems = encoding.bitmap_problems(arrays[BITMAP], numel, values.size)
+        positions = None if problems else encoding.decode_bitmap(arrays[BITMAP], numel, values.size)
+    else:
+        problems, positions = [], None
+    problems = problems + encoding.values_problems(values, code)
+    if problems:
+        return None, problems
+    if positions is None:  # dense: checked, so build the positions only now
+        positions = encoding.dense_positions(numel)
+    return RawParam(positions, values, VALUE_CODES[code], spec.shape, spec.dtype, storage), []
 
 
 def _locate(
@@ -180,6 +360,21 @@ def _locate(
     return found
 
 
+def _storage_of(name: str, parts: set[str], declared: str | None) -> tuple[str | None, str]:
+    """``(storage, "")`` when ``parts`` are exactly one storage's tensors, else ``(None, what is wrong)``."""
+    for storage, wanted in STORAGE_PARTS.items():
+        if parts == set(wanted):
+            return storage, ""
+    if DENSE in parts:
+        return None, "; '.dense' excludes the others"
+    # Which storage was meant: the one whose own tensors are there, else the config's, else 1.0's sparse.
+    meant = [st for st, wanted in STORAGE_PARTS.items() if parts & (set(wanted) - {VALUES})]
+    if len(meant) > 1:
+        return None, f"; it mixes the tensors of storages {' and '.join(repr(m) for m in meant)}"
+    storage = meant[0] if meant else declared if declared in STORAGE_PARTS else STORAGE_SPARSE
+    return None, f", missing {[name + s for s in STORAGE_PARTS[storage] if s not in parts]}"
+
+
 def _layout(
     cfg: DeltaConfig,
     found: dict[str, dict[str, str]],
@@ -210,21 +405,11 @@ def _layout(
                     f"{name!r}: listed in {cfg.where} but no tensors for it are in the files; {RESAVE}"
                 )
             continue
-        parts = set(where)
-        if parts == {DENSE}:
-            storage = STORAGE_DENSE
-        elif parts == {INDICES, VALUES}:
-            storage = STORAGE_SPARSE
-        else:
-            missing = sorted({INDICES, VALUES} - parts) if DENSE not in parts else []
+        storage, why = _storage_of(name, set(where), spec.storage if spec else None)
+        if storage is None:
             problems.append(
-                f"{name!r}: has tensors {sorted(name + s for s in parts)}"
-                + (
-                    f", missing {[name + s for s in missing]}"
-                    if missing
-                    else "; '.dense' excludes the others"
-                )
-                + f"; a parameter is stored as '.indices' + '.values' or as '.dense' alone; {RESAVE}"
+                f"{name!r}: has tensors {sorted(name + s for s in where)}{why}; a parameter is stored as "
+                f"{STORAGE_HELP}; {RESAVE}"
             )
             continue
         if len(set(where.values())) > 1:
@@ -244,52 +429,35 @@ def _read_params(
     layout: dict[str, tuple[str, str]],
     headers: dict[str, tuple[Path, Header]],
     problems: list[str],
-) -> dict[str, ParamDelta]:
-    """Memory-map the laid-out parameters and check their contents (vectorised, O(nnz) per parameter)."""
-    params: dict[str, ParamDelta] = {}
-    with contextlib.ExitStack() as stack:
-        handles: dict[str, Any] = {}
+) -> dict[str, RawParam]:
+    """Read the laid-out parameters' bytes and check their contents (vectorised, O(nnz) per parameter)."""
+    params: dict[str, RawParam] = {}
+    files: dict[str, _File | None] = {}
+    try:
         for name, (storage, label) in layout.items():
             spec = cfg.params[name]
             if spec is None:
                 continue
-            if label not in handles:
+            if label not in files:
                 try:
-                    handles[label] = stack.enter_context(safe_open(str(headers[label][0]), framework="pt"))
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except BaseException as e:  # the header passed our checks, but safetensors has the last word
+                    files[label] = _File(headers[label][0], headers[label][1], label)
+                except OSError as e:
                     problems.append(
-                        f"{label}: safetensors cannot open it ({str(e)[:200]}); re-download or {RESAVE}"
+                        f"{label}: cannot be read ({e.strerror or e}); check the file's permissions"
                     )
-                    handles[label] = None
-            handle = handles[label]
-            if handle is None:
+                    files[label] = None
+            file = files[label]
+            if file is None:
                 continue
-            numel = math.prod(spec.shape)
-            if storage == STORAGE_DENSE:
-                t = _load_tensor(handle, name + DENSE, label, problems)
-                if t is None:
-                    continue
-                bad = _check_dense(t, spec)
-                # Only once the tensor is known to hold all numel values: a config claiming 2**30 elements
-                # over a file of 64 must not make us build a 2**30-entry arange first.
-                indices = None if bad else torch.arange(numel, dtype=index_dtype_for(numel))
-                values = t.reshape(-1)
-            else:
-                indices = _load_tensor(handle, name + INDICES, label, problems)
-                values = _load_tensor(handle, name + VALUES, label, problems)
-                if indices is None or values is None:
-                    continue
-                bad = _param_problems(indices, values, spec.shape, spec.dtype)
-                if not bad and indices.numel() != spec.nnz:
-                    bad.append(
-                        f"{cfg.where} says nnz {spec.nnz} but the file holds {indices.numel()} entries"
-                    )
+            param, bad = _read_param(file, name, storage, spec, cfg.where)
             if bad:
                 problems.extend(f"{name!r} (in {label}): {b}" for b in bad)
-                continue
-            params[name] = ParamDelta._trusted(indices, values, spec.shape, spec.dtype)
+            else:
+                params[name] = param
+    finally:
+        for file in files.values():
+            if file is not None:
+                file.close()
     return params
 
 
@@ -301,7 +469,7 @@ def _assemble(
     total_size: int | None,
     problems: list[str],
     unread: set[str],
-) -> SparseDelta:
+) -> RawDelta:
     found = _locate(headers, weight_map, total_size, unread, problems)
     layout = _layout(cfg, found, weight_map, unread, problems)
     params = _read_params(cfg, layout, headers, problems)
@@ -310,7 +478,8 @@ def _assemble(
     if problems:
         raise _fail(source, problems)
     fingerprint = {n: s.samples for n, s in cfg.params.items() if s is not None and s.samples is not None}
-    return SparseDelta(
+    return RawDelta(
+        source,
         params,
         base_model=cfg.base_model,
         base_revision=cfg.base_revision,
@@ -320,7 +489,7 @@ def _assemble(
     )
 
 
-def _check_totals(cfg: DeltaConfig, params: dict[str, ParamDelta], problems: list[str]) -> None:
+def _check_totals(cfg: DeltaConfig, params: dict[str, RawParam], problems: list[str]) -> None:
     nnz = sum(p.nnz for p in params.values())
     numel = sum(p.numel for p in params.values())
     for key, actual in (("nnz", nnz), ("numel", numel)):
@@ -333,8 +502,8 @@ def _check_totals(cfg: DeltaConfig, params: dict[str, ParamDelta], problems: lis
         cfg.totals["density"], density, rel_tol=1e-6, abs_tol=1e-12
     ):
         problems.append(f"{cfg.where}: density is {cfg.totals['density']} but nnz/numel is {density}")
-    if cfg.values_dtype in VALUE_DTYPES:
-        wrong = sorted(n for n, p in params.items() if dtype_name(p.values.dtype) != cfg.values_dtype)
+    if cfg.values_dtype in VALUE_DTYPE_NAMES:
+        wrong = sorted(n for n, p in params.items() if p.values_dtype != cfg.values_dtype)
         if wrong:
             problems.append(
                 f"{cfg.where}: values_dtype is {cfg.values_dtype!r} but {wrong[:5]} have other value dtypes; "
@@ -347,7 +516,7 @@ def _present(path: Path) -> bool:
     return path.exists() or path.is_symlink()
 
 
-def _load_folder(folder: Path, source: str) -> SparseDelta:
+def _load_folder(folder: Path, source: str) -> RawDelta:
     problems: list[str] = []
     if not _present(folder / CONFIG_FILE):
         raise _fail(
@@ -402,7 +571,7 @@ def _load_folder(folder: Path, source: str) -> SparseDelta:
     return _assemble(source, cfg, headers, weight_map, total_size, problems, unread)
 
 
-def _load_file(path: Path, source: str, label: str) -> SparseDelta:
+def _load_file(path: Path, source: str, label: str) -> RawDelta:
     header, problems = read_header(path, label)
     if header is None:
         raise _fail(source, problems)
@@ -424,6 +593,25 @@ def _load_file(path: Path, source: str, label: str) -> SparseDelta:
     return _assemble(source, cfg, {label: (path, header)}, None, None, problems, set())
 
 
+def read_delta(path: str | os.PathLike[str]) -> RawDelta:
+    """Read and check a delta without torch: :func:`load_delta`'s checks, numpy arrays out.
+
+    Raises:
+        DeltaFormatError, FileNotFoundError: as :func:`load_delta`.
+    """
+    source = os.fspath(path)
+    p = Path(source)
+    if p.is_dir():
+        return _load_folder(p, source)
+    if not _present(p):
+        raise FileNotFoundError(f"no delta at {source}: expected a delta folder or a .safetensors file")
+    # The path was named by the caller, so a link anywhere is fine; it must end at a regular file.
+    real, bad = regular_file(p, p.name)
+    if bad:
+        raise _fail(source, [bad])
+    return _load_file(real, source, p.name)
+
+
 def load_delta(path: str | os.PathLike[str]) -> SparseDelta:
     """Load a delta saved by :func:`save_delta` (or written by hand following ``docs/format.md``).
 
@@ -440,14 +628,31 @@ def load_delta(path: str | os.PathLike[str]) -> SparseDelta:
     Example:
         >>> delta = load_delta("out/my-delta")
     """
-    source = os.fspath(path)
-    p = Path(source)
-    if p.is_dir():
-        return _load_folder(p, source)
-    if not _present(p):
-        raise FileNotFoundError(f"no delta at {source}: expected a delta folder or a .safetensors file")
-    # The path was named by the caller, so a link anywhere is fine; it must end at a regular file.
-    real, bad = regular_file(p, p.name)
-    if bad:
-        raise _fail(source, [bad])
-    return _load_file(real, source, p.name)
+    return to_sparse_delta(read_delta(path))
+
+
+def to_sparse_delta(raw: RawDelta) -> SparseDelta:
+    """The checked arrays as a :class:`~deltahub.SparseDelta` (no copies: the tensors share the arrays)."""
+    import torch
+
+    from .._dtypes import BASE_DTYPES
+    from ..delta import ParamDelta, SparseDelta
+
+    def tensor(array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array)
+        return t if t.numel() else torch.empty(0, dtype=t.dtype)  # numpy gives empty arrays stride 0
+
+    params = {}
+    for name, p in raw.params.items():
+        values = tensor(p.values)
+        if p.values_dtype == "bfloat16":
+            values = values.view(torch.bfloat16)  # numpy held the raw bits
+        params[name] = ParamDelta._trusted(tensor(p.positions), values, p.shape, BASE_DTYPES[p.dtype])
+    return SparseDelta(
+        params,
+        base_model=raw.base_model,
+        base_revision=raw.base_revision,
+        fingerprint=raw.fingerprint,
+        provenance=raw.provenance,
+        origin=raw.origin,
+    )

@@ -8,16 +8,17 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
-import torch
-
-from .._dtypes import SAFETENSORS_DTYPES
+from .._dtypes import ST_ITEMSIZES
 from ..errors import InvalidArgumentError
 from .untrusted import preview
 
 FORMAT_NAME = "deltahub.sparse_delta"
-FORMAT_VERSION = "1.0"
-# Readers accept any minor version of this major; a newer major may change the layout and is refused.
+FORMAT_VERSION = "1.1"
+# Readers accept any version of this major; a newer major may change the layout and is refused. A newer minor
+# version may add storages (1.1 added "gaps" and "bitmap"): a parameter in a storage this reader does not know
+# is refused with an upgrade hint, everything else of such a file is still read.
 SUPPORTED_MAJOR = 1
+SUPPORTED_MINOR = 1
 
 CONFIG_FILE = "delta_config.json"
 SINGLE_FILE = "delta.safetensors"
@@ -28,12 +29,29 @@ SHARD_PATTERN = "delta-{index:05d}-of-{total:05d}.safetensors"
 INDICES = ".indices"
 VALUES = ".values"
 DENSE = ".dense"
-SUFFIXES = (INDICES, VALUES, DENSE)
+GAPS = ".gaps"
+ESCAPES = ".escapes"
+BITMAP = ".bitmap"
+SUFFIXES = (INDICES, VALUES, DENSE, GAPS, ESCAPES, BITMAP)
 
 STORAGE_SPARSE = "sparse"
 STORAGE_DENSE = "dense"
+STORAGE_GAPS = "gaps"
+STORAGE_BITMAP = "bitmap"
+# The tensors of each storage, and the format minor version that introduced it.
+STORAGE_PARTS = {
+    STORAGE_SPARSE: (INDICES, VALUES),
+    STORAGE_DENSE: (DENSE,),
+    STORAGE_GAPS: (GAPS, ESCAPES, VALUES),
+    STORAGE_BITMAP: (BITMAP, VALUES),
+}
+STORAGE_SINCE = {STORAGE_SPARSE: 0, STORAGE_DENSE: 0, STORAGE_GAPS: 1, STORAGE_BITMAP: 1}
+STORAGE_HELP = (
+    "'.indices' + '.values', '.gaps' + '.escapes' + '.values', '.bitmap' + '.values', or '.dense' alone"
+)
 
 FINGERPRINT_METHOD = "samples-v1"
+FINGERPRINT_SAMPLES = 8  # per parameter; deltahub.fingerprint.SAMPLES computes them
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -41,12 +59,13 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 # cannot make us allocate more than this (and never more than the file holds).
 MAX_HEADER_SIZE = 100_000_000
 
-# The safetensors dtype codes the format can contain (values F32/BF16/F16, indices I32/I64), with their torch
-# dtype and item size: a subset of the one table in _dtypes.
-ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    code: (SAFETENSORS_DTYPES[code], SAFETENSORS_DTYPES[code].itemsize)
-    for code in ("F32", "BF16", "F16", "I32", "I64")
+# The safetensors dtype codes the format can contain, with their item size (no torch here: the streaming merge
+# reads deltas without importing it): a subset of the one table in _dtypes.
+ST_ITEMSIZE: dict[str, int] = {
+    code: ST_ITEMSIZES[code] for code in ("F32", "BF16", "F16", "I32", "I64", "U8", "U16")
 }
+# The values' codes and their dtype names.
+VALUE_CODES: dict[str, str] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 # Non-finite fingerprint samples are written as these strings because JSON has no NaN or infinity.
 NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
@@ -97,6 +116,11 @@ def parse_size(size: int | str) -> int:
 def shard_name(index: int, total: int) -> str:
     """``shard_name(1, 3) == "delta-00001-of-00003.safetensors"`` (``index`` counts from 1)."""
     return SHARD_PATTERN.format(index=index, total=total)
+
+
+def minor_version(version: str) -> int:
+    """The minor number of a checked ``"MAJOR.MINOR"`` string."""
+    return int(version.split(".")[1])
 
 
 def version_problem(fmt: object, version: object, where: str) -> str | None:

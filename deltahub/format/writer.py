@@ -1,55 +1,115 @@
-"""Writing a :class:`~deltahub.SparseDelta` as a format-v1 folder (see ``docs/format.md``)."""
+"""Writing a :class:`~deltahub.SparseDelta` as a format-1.1 folder (see ``docs/format.md``)."""
 
 from __future__ import annotations
 
+import json
 import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+import numpy as np
 
 from .._atomic import atomic_folder, check_output
-from .._dtypes import index_dtype_for
-from ..card import model_card
-from ..delta import ParamDelta, SparseDelta
-from ..errors import ArgumentTypeError
-from .config import build_config, config_text, dumps, stored_densely
+from .._dtypes import dtype_name
+from ..errors import ArgumentTypeError, InvalidArgumentError
+from . import encoding
+from .config import build_config, config_text, dumps
 from .spec import (
+    BITMAP,
     CARD_FILE,
     CONFIG_FILE,
     DEFAULT_MAX_SHARD_SIZE,
     DENSE,
+    ESCAPES,
     FORMAT_NAME,
     FORMAT_VERSION,
+    GAPS,
     INDEX_FILE,
     INDICES,
     SINGLE_FILE,
+    ST_ITEMSIZE,
+    STORAGE_BITMAP,
+    STORAGE_DENSE,
+    STORAGE_GAPS,
     VALUES,
     parse_size,
     shard_name,
 )
 
+# torch is imported by the functions that need it: format.__init__ and the fast merge import this package.
+if TYPE_CHECKING:
+    import torch
 
-def _param_tensors(name: str, p: ParamDelta) -> dict[str, torch.Tensor]:
-    if stored_densely(p):
-        return {name + DENSE: p.values.reshape(p.shape)}
-    return {name + INDICES: p.indices.to(index_dtype_for(p.numel)), name + VALUES: p.values}
+    from ..delta import ParamDelta, SparseDelta
 
-
-def _param_bytes(p: ParamDelta) -> int:
-    if stored_densely(p):
-        return p.numel * p.values.element_size()
-    return p.nnz * (torch.empty(0, dtype=index_dtype_for(p.numel)).element_size() + p.values.element_size())
+_VALUE_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
-def plan_shards(delta: SparseDelta, max_bytes: int) -> list[list[str]]:
+@dataclass
+class _Encoded:
+    """One parameter as it will be written: its storage and its tensors ``{suffix: (code, shape, array)}``."""
+
+    storage: str
+    tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray]]
+    values_dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for _, _, a in self.tensors.values())
+
+
+def _raw(values: torch.Tensor) -> np.ndarray:
+    import torch
+
+    values = values.detach().cpu().contiguous().reshape(-1)
+    if values.dtype == torch.bfloat16:
+        return values.view(torch.int16).numpy().view(np.uint16)  # numpy has no bfloat16: keep the bits
+    return values.numpy()
+
+
+def _encode(name: str, p: ParamDelta, values_dtype: torch.dtype | None) -> _Encoded:
+    import torch
+
+    values = p.values if values_dtype is None else p.values.to(values_dtype)
+    if values_dtype is not None and not bool(torch.isfinite(values).all()):
+        biggest = float(p.values.abs().max())
+        raise InvalidArgumentError(
+            f"values of {name} do not fit {dtype_name(values_dtype)} (largest magnitude {biggest:.4g}); keep "
+            "their own dtype (values_dtype=None) or choose a wider one"
+        )
+    code = _VALUE_CODES[dtype_name(values.dtype)]
+    raw = _raw(values)
+    numel = p.numel
+    positions = p.indices.detach().cpu().numpy()
+    storage, main = encoding.choose_storage(positions, numel)
+    tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray]]
+    if storage == STORAGE_DENSE:
+        tensors = {DENSE: (code, p.shape, raw)}
+    elif storage == STORAGE_GAPS:
+        gaps, escapes = encoding.encode_gaps(positions, numel, main)
+        tensors = {
+            GAPS: (main, gaps.shape, gaps),
+            ESCAPES: (encoding.index_code(numel), escapes.shape, escapes),
+            VALUES: (code, raw.shape, raw),
+        }
+    elif storage == STORAGE_BITMAP:
+        bitmap = encoding.encode_bitmap(positions, numel)
+        tensors = {BITMAP: ("U8", bitmap.shape, bitmap), VALUES: (code, raw.shape, raw)}
+    else:
+        indices = positions.astype(encoding.index_dtype(numel), copy=False)
+        tensors = {INDICES: (main, indices.shape, indices), VALUES: (code, raw.shape, raw)}
+    return _Encoded(storage, tensors, dtype_name(values.dtype))
+
+
+def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
     """Parameter names per shard: in order, greedily filled up to ``max_bytes`` of tensor data.
 
     A parameter never straddles shards; one larger than ``max_bytes`` gets a shard of its own.
     """
-    sizes = {n: _param_bytes(p) for n, p in delta.items()}
     if sum(sizes.values()) <= max_bytes:
-        return [list(delta)]
+        return [list(sizes)]
     shards: list[list[str]] = []
     current: list[str] = []
     used = 0
@@ -63,45 +123,59 @@ def plan_shards(delta: SparseDelta, max_bytes: int) -> list[list[str]]:
     return shards
 
 
-def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses tensors that share memory (values sliced from one buffer, say): copy those.
-    seen: set[int] = set()
-    out = {}
-    for key, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        if t.numel():
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in seen:
-                t = t.clone()
-                ptr = t.untyped_storage().data_ptr()
-            seen.add(ptr)
-        out[key] = t
-    return out
+def write_safetensors(
+    path: Path, tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray]], metadata: dict[str, str]
+) -> int:
+    """A standard safetensors file of raw little-endian arrays; returns the bytes of tensor data.
+
+    Written directly rather than through ``safetensors``: numpy has no bfloat16 (its values travel as raw
+    uint16 bits under the ``BF16`` code), and the file then honours the umask like any file the user creates.
+    Wider items come first (stable), so every tensor starts at a multiple of its item size, as safetensors'
+    own writer guarantees.
+    """
+    order = sorted(tensors, key=lambda k: -ST_ITEMSIZE[tensors[k][0]])
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for key in order:
+        code, shape, array = tensors[key]
+        header[key] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data region starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for key in order:
+            array = tensors[key][2]
+            if array.nbytes:
+                f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return offset
 
 
-def _write_files(delta: SparseDelta, folder: Path, config: str, max_bytes: int) -> None:
-    shards = plan_shards(delta, max_bytes)
+def _write_files(delta: SparseDelta, folder: Path, max_bytes: int, values_dtype: torch.dtype | None) -> None:
+    encoded = {name: _encode(name, p, values_dtype) for name, p in delta.items()}
+    storages = {n: e.storage for n, e in encoded.items()}
+    value_names = {n: e.values_dtype for n, e in encoded.items()}
+    shards = plan_shards({n: e.nbytes for n, e in encoded.items()}, max_bytes)
     weight_map: dict[str, str] = {}
     total_size = 0
     for i, names in enumerate(shards, start=1):
         fname = SINGLE_FILE if len(shards) == 1 else shard_name(i, len(shards))
-        tensors: dict[str, torch.Tensor] = {}
-        for name in names:
-            tensors.update(_param_tensors(name, delta[name]))
-        tensors = _storable(tensors)
+        tensors = {name + suffix: t for name in names for suffix, t in encoded[name].tensors.items()}
         metadata = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
-            "delta_config": dumps(build_config(delta, names), separators=(",", ":")),
+            "delta_config": dumps(build_config(delta, storages, value_names, names), separators=(",", ":")),
         }
-        save_file(tensors, str(folder / fname), metadata=metadata)
-        for key, t in tensors.items():
-            weight_map[key] = fname
-            total_size += t.numel() * t.element_size()
+        total_size += write_safetensors(folder / fname, tensors, metadata)
+        weight_map.update(dict.fromkeys(tensors, fname))
     if len(shards) > 1:
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         (folder / INDEX_FILE).write_text(dumps(index, indent=2) + "\n", encoding="utf-8")
+    config = config_text(build_config(delta, storages, value_names))
     (folder / CONFIG_FILE).write_text(config, encoding="utf-8")
+    from ..card import model_card
+
     (folder / CARD_FILE).write_text(model_card(delta), encoding="utf-8")
 
 
@@ -111,34 +185,47 @@ def save_delta(
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
+    values_dtype: str | torch.dtype | None = None,
 ) -> Path:
-    """Write ``delta`` as a format-v1 folder at ``path``, atomically.
+    """Write ``delta`` as a format-1.1 folder at ``path``, atomically.
 
     The files are written into a hidden sibling folder and renamed into place at the end, so an interrupted
-    save never leaves anything that looks like a finished delta.
+    save never leaves anything that looks like a finished delta. Each parameter's positions are stored in the
+    smallest of the format's storages (``docs/format.md``): about 1.3 bytes per position at 1% density.
 
     Args:
-        delta: the delta to save; values are written in their own dtype.
+        delta: the delta to save.
         path: the folder to create.
         max_shard_size: bytes per file before sharding: an int or a string like ``"500MB"`` or ``"2GiB"``.
         overwrite: replace an existing non-empty ``path``.
+        values_dtype: store the values in this dtype (``"bfloat16"``, ``"float16"``, ``"float32"``) instead of
+            their own: bfloat16 halves the bytes of float32 values at the cost of one extra rounding of each
+            value (relative error at most 2**-8; see ``docs/format.md`` for what that does to applied weights).
+            Default None: exact.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
         DeltaExistsError: ``path`` exists, is not empty, and ``overwrite`` is False.
-        ValueError: a bad ``max_shard_size``, or provenance that is not JSON.
+        ValueError: a bad ``max_shard_size`` or ``values_dtype``, values that overflow ``values_dtype``, or
+            provenance that is not JSON.
 
     Example:
         >>> save_delta(delta, "out/my-delta", max_shard_size="2GB")
         PosixPath('out/my-delta')
     """
+    from .._dtypes import VALUE_DTYPES, parse_dtype
+    from ..delta import SparseDelta
+
     if not isinstance(delta, SparseDelta):
         raise ArgumentTypeError(f"save_delta expects a SparseDelta; got {type(delta).__name__}")
     max_bytes = parse_size(max_shard_size)
+    cast = (
+        None if values_dtype is None else parse_dtype(values_dtype, allowed=VALUE_DTYPES, what="values_dtype")
+    )
     target = check_output(path, overwrite=overwrite, keyword="path")
-    text = config_text(build_config(delta))
+    dumps(delta.provenance)  # provenance that is not JSON fails before anything is created
     with atomic_folder(target, overwrite=overwrite) as tmp:
-        _write_files(delta, tmp, text, max_bytes)
+        _write_files(delta, tmp, max_bytes, cast)
     return target

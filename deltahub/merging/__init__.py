@@ -28,32 +28,38 @@ How it streams (see ``docs/merge.md``):
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .._atomic import check_output, install_folder
-from .._dtypes import VALUE_DTYPES, dtype_name, parse_dtype
-from .._tensors import check_tied
-from ..apply import check_base, recorded_base
-from ..checkpoint import INDEX_NAME
-from ..delta import SparseDelta, common_base
+from .._atomic import check_output
+from .._dtypes import dtype_name
+from ..basecheck import check_base, common_base
 from ..errors import InvalidArgumentError, OutOfSpaceError
 from ..format.spec import parse_size
-from ..inputs import DeltaSource, describe, validate_inputs
-from ..overlap import overlap_inputs
-from .base import MARKER, BaseFiles, resolve_model
+from ..inputs import DeltaSource, check_arguments, describe, validate_inputs
+from .base import BaseFiles, resolve_model
 from .card import model_card
-from .config import CONFIG_NAME, DeltaEntry, MergeConfig
+from .config import DeltaEntry, MergeConfig
 from .plan import DeltaInfo, MergePlan, MergeResult, shard_layout
-from .write import combined, copy_extras, index, make_tmp, remove_stale, space_error, write_error, write_shards
+from .write import combined, write_folder, write_shards
 
-__all__ = ["DeltaEntry", "MergeConfig", "MergePlan", "MergeResult", "OutOfSpaceError", "merge", "model_card", "resolve_model"]
+if TYPE_CHECKING:  # torch is imported inside merge() only when the fast path does not apply
+    import torch
+
+    from ..delta import SparseDelta
+
+__all__ = [
+    "DeltaEntry",
+    "MergeConfig",
+    "MergePlan",
+    "MergeResult",
+    "OutOfSpaceError",
+    "merge",
+    "model_card",
+    "resolve_model",
+]
 
 # --------------------------------------------------------------------------------------------------------------
 # The function
@@ -107,9 +113,34 @@ def merge(
         >>> merge("meta-llama/Llama-3.2-1B@main", ["./math-delta", "./code-delta"], weights=[1.0, 0.5],
         ...       out="./llama-math-code", dtype="bfloat16")
     """
-    out_dtype = parse_dtype(dtype, allowed=VALUE_DTYPES, what="dtype") if dtype is not None else None
+    if dtype is None:
+        out_dtype = None
+    else:
+        from .._dtypes import VALUE_DTYPES, parse_dtype
+
+        out_dtype = parse_dtype(dtype, allowed=VALUE_DTYPES, what="dtype")
     max_bytes = parse_size(max_shard_size)
     out = check_output(out, overwrite=overwrite, keyword="out")
+    # Every argument checked before anything is loaded, and without torch: the fast path needs none.
+    args = check_arguments(deltas, weights=weights, method=method, method_options=method_options, force=force)
+    from .fast import eligible, fast_merge
+
+    if base is not None and eligible(args.method, out_dtype, dry_run, args.items):
+        result = fast_merge(
+            base,
+            list(args.items),
+            list(args.weights),
+            out=out,
+            method=args.method,
+            options=dict(args.options),
+            max_bytes=max_bytes,
+            max_shard_size=max_shard_size,
+            force=force,
+            overwrite=overwrite,
+            progress=progress,
+        )
+        if result is not None:
+            return result
     inputs = validate_inputs(
         deltas, weights=weights, method=method, method_options=method_options, force=force
     )
@@ -117,6 +148,8 @@ def merge(
     method = inputs.method
     shared = common_base(delta_list, force=force)
     if base is None:
+        from ..apply import recorded_base
+
         name, revision = recorded_base(delta_list)
         base = name if revision is None or os.path.exists(name) else f"{name}@{revision}"
     base_folder, base_id, base_revision = resolve_model(base)
@@ -149,41 +182,34 @@ def merge(
         plan.config = _config(plan, max_shard_size)
         if dry_run:
             if len(delta_list) > 1:
+                from ..overlap import overlap_inputs
+
                 plan.overlap = overlap_inputs(inputs)
             return MergeResult(plan, None)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale(out)
-            free = shutil.disk_usage(out.parent).free
-            if free < plan.total_size:
-                raise space_error(out, plan.total_size, free)
-            tmp = make_tmp(out)
-        except OSError as err:
-            raise write_error(out, plan.total_size, err) from err
-        try:
-            nnz = write_shards(base_files, plan, tmp, delta_list, weight_list, progress)
-            if len(shards) > 1:
-                (tmp / INDEX_NAME).write_text(json.dumps(index(plan), indent=2) + "\n", encoding="utf-8")
-            copy_extras(base_folder, tmp, plan, base_files.config)
-            card = model_card(plan, hub_base=_hub_base(base_id, base_revision, shared, force), hub_deltas=[
-                d.origin["repo_id"] for d in delta_list if d.origin.get("repo_id")
-            ])  # fmt: skip
-            (tmp / "README.md").write_text(card, encoding="utf-8")
-            (tmp / CONFIG_NAME).write_text(plan.config.to_yaml(), encoding="utf-8")
-            (tmp / MARKER).unlink()
-            install_folder(tmp, out, overwrite)
-        except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            mapped = write_error(out, plan.total_size, err)
-            if mapped is err:
-                raise
-            raise mapped from err
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        nnz = write_folder(
+            plan,
+            base_folder,
+            base_files.config,
+            overwrite,
+            _card(plan, base_id, base_revision, shared, force, delta_list),
+            lambda tmp: write_shards(base_files, plan, tmp, delta_list, weight_list, progress),
+        )
     finally:
         base_files.close()
     return MergeResult(plan, out, nnz)
+
+
+def _card(
+    plan: MergePlan,
+    base_id: str,
+    base_revision: str | None,
+    shared: Mapping[str, Any],
+    force: bool,
+    deltas: Sequence[Any],
+) -> str:
+    """The merged folder's README.md (both paths write the same)."""
+    hub_deltas = [d.origin["repo_id"] for d in deltas if d.origin.get("repo_id")]
+    return model_card(plan, hub_base=_hub_base(base_id, base_revision, shared, force), hub_deltas=hub_deltas)
 
 
 def _hub_base(base_id: str, base_revision: str | None, shared: Mapping[str, Any], force: bool) -> str | None:
@@ -214,6 +240,8 @@ def _check_tied(
     options: Mapping[str, Any],
 ) -> None:
     """A tied tensor changed under two names must get the same change from both (as apply_deltas requires)."""
+    from .._tensors import check_tied
+
     for stored, names in users.items():
         check_tied([names], lambda n: combined(n, deltas, weights, method, options), where=f" ({stored})")
 

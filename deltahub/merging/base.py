@@ -8,18 +8,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .._dtypes import SAFETENSORS_DTYPES
-from ..checkpoint import INDEX_NAME, Checkpoint
+from ..checkpoint import INDEX_NAME, Checkpoint, read_offsets
 from ..errors import CheckpointError, PathNotFoundError
 from ..fingerprint import sample_positions
-from ..format.header import read_header
 from ..hub_ids import is_ref, parse_ref
 
-SHARD_PATTERN = "model-{index:05d}-of-{total:05d}.safetensors"
+if TYPE_CHECKING:
+    import torch
+
 TMP_TAG = "merge"
 MARKER = ".deltahub-merge-in-progress"
 # Files of the base never copied: its weights (in any format: a stale copy would contradict the merged ones),
@@ -87,16 +85,6 @@ class _Stored:
     dtype: torch.dtype
 
 
-def _read_offsets(path: Path) -> dict[str, tuple[int, int]]:
-    """``{name: (absolute start, byte length)}`` from a safetensors header, read by the format's one parser."""
-    header, problems = read_header(path, path.name, dtypes=SAFETENSORS_DTYPES)
-    if header is None:
-        raise CheckpointError(
-            f"cannot read the base shard {path}:\n" + "\n".join(f"  - {p}" for p in problems)
-        )
-    return {k: (header.data_start + t.begin, t.end - t.begin) for k, t in header.tensors.items()}
-
-
 class BaseFiles:
     """The base checkpoint as byte ranges, plus the :class:`~deltahub.apply.BaseView` that check_base reads.
 
@@ -112,14 +100,14 @@ class BaseFiles:
             self.weight_files = list(ckpt.files)
             self.tensors: dict[str, _Stored] = {}
             for file, names in ckpt.files.items():
-                offsets = _read_offsets(ckpt.folder / file)
+                offsets = read_offsets(ckpt.folder / file)
                 for name in names:
                     start, nbytes = offsets[name]
                     self.tensors[name] = _Stored(file, start, nbytes, ckpt.shape(name), ckpt.dtype(name))
             self.weights_folder = ckpt.folder
         self.aliases: dict[str, str] = {}
         self._fds: dict[str, int] = {}
-        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._scratch: torch.Tensor | None = None
 
     def stored(self, name: str) -> _Stored:
         return self.tensors[self.aliases.get(name, name)]
@@ -139,6 +127,8 @@ class BaseFiles:
 
     def samples(self, name: str) -> tuple[float, ...]:
         # Positions come from the name the delta uses (an alias hashes differently), values from the stored tensor.
+        import torch
+
         s = self.stored(name)
         size = s.dtype.itemsize
         values = []
@@ -156,9 +146,11 @@ class BaseFiles:
         """One tensor, read with pread (no memory map: see the module docstring) into a scratch buffer reused
         for every read: valid until the next call. Reusing it saves the kernel zeroing and faulting in fresh
         pages for every tensor, which measured as a third of the merge's system time."""
+        import torch
+
         s = self.tensors[name]
-        if self._scratch.numel() < s.nbytes:
-            self._scratch = torch.empty(0, dtype=torch.uint8)  # free the old one before allocating the new
+        if self._scratch is None or self._scratch.numel() < s.nbytes:
+            self._scratch = None  # free the old one before allocating the new
             self._scratch = torch.empty(s.nbytes, dtype=torch.uint8)
         buf = self._scratch[: s.nbytes]
         view, done, fd = memoryview(buf.numpy()), 0, self.fd(s.file)
@@ -171,7 +163,7 @@ class BaseFiles:
 
     def close(self) -> None:
         fds, self._fds = self._fds, {}
-        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._scratch = None
         for fd in fds.values():
             os.close(fd)
 
@@ -181,6 +173,7 @@ class BaseFiles:
         if not missing or not self.config:
             return
         try:
+            import torch
             from transformers import AutoConfig, AutoModelForCausalLM
 
             config = AutoConfig.from_pretrained(self.folder)

@@ -4,17 +4,21 @@ reproduces it."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-from huggingface_hub import ModelCard, ModelCardData
+from typing import TYPE_CHECKING
 
 from .._dtypes import dtype_name
 from .._version import __version__
 from .plan import MergePlan
 
+if TYPE_CHECKING:  # huggingface_hub's card module costs 0.25 s to import (tqdm, the Hub API): only when writing one
+    from huggingface_hub import ModelCardData
+
 
 def card_metadata(hub_base: str | None, hub_deltas: Sequence[str]) -> ModelCardData:
     """The merged model's Hub metadata: ``base_model`` lists what went in (the base, then each delta repo) by Hub
     id, and ``base_model_relation: merge``; a base or delta known only by a local path is left out of it."""
+    from huggingface_hub import ModelCardData
+
     models = list(dict.fromkeys([*([hub_base] if hub_base else []), *hub_deltas]))
     data = ModelCardData(library_name="transformers", tags=["deltahub", "merge"])
     if models:
@@ -71,4 +75,6 @@ def model_card(plan: MergePlan, *, hub_base: str | None = None, hub_deltas: Sequ
         "```",
         "",
     ]
+    from huggingface_hub import ModelCard
+
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body)))

@@ -117,7 +117,9 @@ class MergeConfig:
         kwargs: dict[str, Any] = {"base": data.get("base"), "deltas": tuple(deltas), "options": dict(options)}
         for key in ("method", "dtype", "max_shard_size", "out"):
             if data.get(key) is not None:
-                kwargs[key] = data[key] if key == "max_shard_size" and isinstance(data[key], int) else str(data[key])
+                kwargs[key] = (
+                    data[key] if key == "max_shard_size" and isinstance(data[key], int) else str(data[key])
+                )
         return cls(**kwargs)
 
     # ---- using and writing ---------------------------------------------------------------------------------

@@ -7,15 +7,19 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .._dtypes import dtype_name
 from ..checkpoint import WEIGHTS_NAME
-from ..overlap import OverlapReport
-from .base import SHARD_PATTERN, BaseFiles
+
+if TYPE_CHECKING:  # dtypes are torch's, or the fast path's torch-free ones (same itemsize/is_floating_point)
+    import torch
+
+    from ..overlap import OverlapReport
+    from .base import BaseFiles
 from .config import MergeConfig
+
+SHARD_PATTERN = "model-{index:05d}-of-{total:05d}.safetensors"
 
 # --------------------------------------------------------------------------------------------------------------
 # The plan

@@ -13,20 +13,15 @@ import re
 import shutil
 import socket
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from tqdm.auto import tqdm
-
-from .._atomic import fresh_sibling
-from .._dtypes import SAFETENSORS_CODES, dtype_name
+from .._atomic import fresh_sibling, install_folder
+from .._dtypes import dtype_name, st_code
 from .._version import __version__
-from ..apply import add_in_place
-from ..checkpoint import CONFIG_NAME
-from ..delta import ParamDelta, SparseDelta
+from ..checkpoint import CONFIG_NAME, INDEX_NAME
 from ..errors import CheckpointError, OutOfSpaceError, OutputNotWritableError
 from ..methods import combine_param, get_method
 from .base import (
@@ -38,7 +33,11 @@ from .base import (
     WEIGHT_SUFFIXES,
     BaseFiles,
 )
+from .config import CONFIG_NAME as MERGE_YAML
 from .plan import MergePlan, TensorPlan, human
+
+if TYPE_CHECKING:  # torch is imported by the torch path's functions only: the fast path shares the rest
+    from ..delta import ParamDelta, SparseDelta
 
 # --------------------------------------------------------------------------------------------------------------
 # Writing
@@ -49,7 +48,7 @@ def _shard_header(tensors: Sequence[TensorPlan]) -> bytes:
     offset = 0
     for t in tensors:
         header[t.name] = {
-            "dtype": SAFETENSORS_CODES[t.dtype],
+            "dtype": st_code(t.dtype),
             "shape": list(t.shape),
             "data_offsets": [offset, offset + t.nbytes],
         }
@@ -116,14 +115,16 @@ def write_shards(
     weights: Sequence[float],
     progress: bool,
 ) -> dict[str, int]:
+    import torch
+
+    from ..apply import add_in_place
+
     nnz: dict[str, int] = {}
     copier = _Copier()
     by_shard: dict[str, list[TensorPlan]] = {}
     for t in plan.tensors:
         by_shard.setdefault(t.shard, []).append(t)
-    bar = tqdm(
-        total=plan.total_size, unit="B", unit_scale=True, desc="merge", disable=None if progress else True
-    )
+    bar = progress_bar(plan.total_size, progress)
     # Combining a tensor's entries (a sort of its union) is CPU work; reading and writing are system calls that
     # release the GIL. A worker thread combines the next touched tensors while this one does the I/O: on two
     # cores that hides most of the combining. The lookahead is a few tensors, and their combined entries are
@@ -181,9 +182,33 @@ def write_shards(
     return nnz
 
 
+def progress_bar(total: int, progress: bool) -> Any:
+    """tqdm over ``total`` bytes, imported only when shown (its import is a sizeable part of a fast merge)."""
+    if not progress:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=None)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
 def _patch(fd: int, position: int, t: TensorPlan, change: ParamDelta) -> None:
     """``add_in_place`` on the tensor stored at ``position`` of the output file, through a shared map of its pages
     (unmapped right after, so the pages do not stay in this process's resident set)."""
+    import torch
+
+    from ..apply import add_in_place
+
     if t.nbytes == 0:
         return
     start = position - position % mmap.ALLOCATIONGRANULARITY
@@ -218,6 +243,51 @@ def copy_extras(base_folder: Path, out: Path, plan: MergePlan, config: dict[str,
             (out / name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             continue
         shutil.copyfile(item, out / name)  # follows the Hub cache's symlinks to the blobs
+
+
+def write_folder(
+    plan: MergePlan,
+    base_folder: Path,
+    config: dict[str, Any] | None,
+    overwrite: bool,
+    card: str,
+    write_tensors: Callable[[Path], dict[str, int]],
+) -> dict[str, int]:
+    """The merged folder, atomically: checks the free space, writes everything into a hidden temporary sibling
+    (``write_tensors(tmp)`` the shards, then the index, the base's other files and the card) and renames it to
+    ``plan.out``. A failure removes the temporary folder; a full disk is :class:`OutOfSpaceError`, an unwritable
+    output :class:`OutputNotWritableError` (``write_error``). Returns
+    ``write_tensors``' entries per tensor."""
+    out = plan.out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)
+        free = shutil.disk_usage(out.parent).free
+        if free < plan.total_size:
+            raise space_error(out, plan.total_size, free)
+        tmp = make_tmp(out)
+    except OSError as err:
+        raise write_error(out, plan.total_size, err) from err
+    try:
+        nnz = write_tensors(tmp)
+        if len(plan.shards) > 1:
+            (tmp / INDEX_NAME).write_text(json.dumps(index(plan), indent=2) + "\n", encoding="utf-8")
+        copy_extras(base_folder, tmp, plan, config)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        if plan.config is not None:
+            (tmp / MERGE_YAML).write_text(plan.config.to_yaml(), encoding="utf-8")
+        (tmp / MARKER).unlink()
+        install_folder(tmp, out, overwrite)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        mapped = write_error(out, plan.total_size, err)
+        if mapped is err:
+            raise
+        raise mapped from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return nnz
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import keyword
 import math
 import numbers
@@ -26,15 +27,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..delta import ParamDelta, SparseDelta, common_base
 from ..errors import ArgumentTypeError, InvalidArgumentError, MethodOptionError, UnknownMethodError
-from ..sparse_ops import Entries
-from .dare import dare
-from .magnitude import magnitude
-from .sum import task_arithmetic
-from .ties import ties
+
+if TYPE_CHECKING:  # the registry itself needs no torch (the CLI and the merge's fast path read it)
+    from ..delta import ParamDelta, SparseDelta
+    from ..sparse_ops import Entries
 
 if TYPE_CHECKING:
     from ..inputs import DeltaInputs, DeltaSource
@@ -51,7 +48,7 @@ __all__ = [
     "resolve_options",
 ]
 
-MethodFunction = Callable[..., Entries]
+MethodFunction = Callable[..., "Entries"]
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 # Keywords combine() or the method call already use: an option with one of these names could never be passed.
@@ -252,6 +249,10 @@ def combine_param(
     A lone delta at weight 1 under ``sum`` is itself (values cast to float32): the shortcut lives here, once, so
     ``combine`` (and so ``load_model``) and the streaming merge cannot disagree about it.
     """
+    import torch
+
+    from ..delta import ParamDelta
+
     if len(deltas) == 1 and weights[0] == 1.0 and spec.name == "sum":
         return deltas[0][name].with_values_dtype(torch.float32)
     touching = [(d[name], w) for d, w in zip(deltas, weights, strict=True) if name in d]
@@ -314,6 +315,8 @@ def combine(
 
 def combine_inputs(inputs: DeltaInputs) -> SparseDelta:
     """:func:`combine` on inputs already checked by :func:`deltahub.inputs.validate_inputs`."""
+    from ..delta import SparseDelta, common_base
+
     spec = get_method(inputs.method)
     deltas, weights = inputs.deltas, inputs.weights
     base = common_base(deltas, force=inputs.force)
@@ -331,13 +334,26 @@ def combine_inputs(inputs: DeltaInputs) -> SparseDelta:
     return SparseDelta(params, provenance=provenance, **base)
 
 
+def _builtin(module: str, attr: str) -> MethodFunction:
+    """A built-in method's function, imported on its first call (the methods need torch; the registry not)."""
+
+    def call(*args: Any, **kwargs: Any) -> Entries:
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = attr
+    call.__doc__ = f"deltahub.methods.{module}.{attr}, imported on first use."
+    return call
+
+
 _BUILTINS = frozenset({"sum", "magnitude", "ties", "dare"})
 _DENSITY_HELP = "fraction of each delta's entries kept"
-register_method(MethodSpec("sum", task_arithmetic, {}, "task arithmetic: sum_i w_i * D_i in float32"))
+register_method(
+    MethodSpec("sum", _builtin("sum", "task_arithmetic"), {}, "task arithmetic: sum_i w_i * D_i in float32")
+)
 register_method(
     MethodSpec(
         "magnitude",
-        magnitude,
+        _builtin("magnitude", "magnitude"),
         {"density": MethodOption(0.5, _DENSITY_HELP, low=0.0, high=1.0, include_low=False)},
         "keep each delta's largest-magnitude entries, then weighted sum",
     )
@@ -345,7 +361,7 @@ register_method(
 register_method(
     MethodSpec(
         "ties",
-        ties,
+        _builtin("ties", "ties"),
         {
             "density": MethodOption(
                 0.5, _DENSITY_HELP + " before the sign election", low=0.0, high=1.0, include_low=False
@@ -357,7 +373,7 @@ register_method(
 register_method(
     MethodSpec(
         "dare",
-        dare,
+        _builtin("dare", "dare"),
         {
             "density": MethodOption(
                 0.5, "keep probability of each entry", low=0.0, high=1.0, include_low=False
