@@ -5,8 +5,8 @@ import torch
 from tiny import tiny_llama
 from transformers import Trainer, TrainingArguments
 
-from training import SftAdamW, SftConfig, SftSM3, SftTrainer
-from training.checkpoint import FILE_NAME
+from training import SftAdamW, SftConfig, SftSM3, SftStateError, SftTrainer
+from training.checkpoint import FILE_NAME, read_checkpoint
 
 
 class Sequences(torch.utils.data.Dataset):
@@ -24,7 +24,9 @@ class Sequences(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def make_trainer(out, algorithm="rigl", max_steps=12, save_steps=6, grad_acc=1, density=0.03, lr=1e-2):
+def make_trainer(
+    out, algorithm="rigl", max_steps=12, save_steps=5, grad_acc=1, density=0.03, lr=1e-2, model=None
+):
     args = TrainingArguments(
         output_dir=str(out),
         max_steps=max_steps,
@@ -45,25 +47,65 @@ def make_trainer(out, algorithm="rigl", max_steps=12, save_steps=6, grad_acc=1, 
     config = SftConfig(
         density=density, selection_algorithm=algorithm, reselection_steps=4, selection_accumulation_steps=2
     )
-    return SftTrainer(Trainer)(model=tiny_llama(), args=args, train_dataset=Sequences(), sft_config=config)
+    model = tiny_llama() if model is None else model
+    return SftTrainer(Trainer)(model=model, args=args, train_dataset=Sequences(), sft_config=config)
+
+
+def _files(folder):
+    return {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
 
 
 @pytest.mark.parametrize("algorithm", ["rigl", "sm3"])
-def test_trainer_trains_and_resume_continues_exactly(tmp_path, algorithm):
-    full = make_trainer(tmp_path / "full", algorithm)
+def test_adapter_only_checkpoint_resumes_bit_exactly(tmp_path, algorithm):
+    # step 5 is inside a selection window (reselections after steps 2, 6, 10): RigL's statistics are in flight
+    full = make_trainer(tmp_path / "full", algorithm, save_steps=5)
     assert isinstance(full.create_optimizer(), SftAdamW if algorithm == "rigl" else SftSM3)
     result = full.train()
-    assert (tmp_path / "full" / "checkpoint-6" / FILE_NAME).exists()
+    checkpoint = tmp_path / "full" / "checkpoint-5"
+    files = _files(checkpoint)
+    # the SFT state and the Trainer's own small files; no base weights, no pickled optimizer
+    assert set(files) == {FILE_NAME, "trainer_state.json", "rng_state.pth", "scheduler.pt"}, files
+    # even for a 23K-parameter model with RigL's window statistics in flight and one tensor name per piece
+    base_bytes = sum(p.numel() * p.element_size() for p in tiny_llama().parameters())
+    assert sum(files.values()) < base_bytes, (files, base_bytes)
+    saved = read_checkpoint(checkpoint)
+    assert saved.global_step == 5 and saved.optimizer["class"] == type(full.sft_selector.optimizer).__name__
+    if algorithm == "rigl":
+        assert saved.stats and all(s["steps"] == 1 for s in saved.stats.values())
     delta = full.model.to_delta()
     assert delta.provenance["steps"] == 12
     resumed = make_trainer(tmp_path / "resumed", algorithm)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-6"))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
     again = resumed.model.to_delta()
     assert list(again) == list(delta)
     for name in delta:
         assert torch.equal(again[name].indices, delta[name].indices), name
         assert torch.equal(again[name].values, delta[name].values), name
+    ours, theirs = full.sft_selector.optimizer, resumed.sft_selector.optimizer
+    params = zip(ours.param_groups[0]["params"], theirs.param_groups[0]["params"], strict=True)
+    for p_full, p_resumed in params:
+        assert ours.state[p_full].keys() == theirs.state[p_resumed].keys()
+        for key, value in ours.state[p_full].items():
+            assert torch.equal(theirs.state[p_resumed][key], value), key
     assert result.training_loss > 0
+
+
+def test_resuming_on_another_base_or_config_is_refused(tmp_path):
+    full = make_trainer(tmp_path / "full", save_steps=6)
+    full.train()
+    checkpoint = str(tmp_path / "full" / "checkpoint-6")
+    other_base = make_trainer(tmp_path / "other", model=tiny_llama(seed=1))
+    with pytest.raises(SftStateError, match="was trained on a different base model"):
+        other_base.train(resume_from_checkpoint=checkpoint)
+    other_config = make_trainer(tmp_path / "other2", density=0.05)
+    with pytest.raises(
+        SftStateError, match=r"another SftConfig \(density=0.03; this model has density=0.05\)"
+    ):
+        other_config.train(resume_from_checkpoint=checkpoint)
+    with pytest.raises(
+        SftStateError, match=r"holds no sft_state\.safetensors: it is not a deltahub SFT checkpoint"
+    ):
+        make_trainer(tmp_path / "x").train(resume_from_checkpoint=str(tmp_path))
 
 
 def test_loss_falls_with_both_algorithms(tmp_path):
