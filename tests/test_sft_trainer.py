@@ -1,10 +1,17 @@
-"""SftTrainer with the real transformers Trainer: training, checkpoints, and an exact resume."""
+"""SftTrainer with the real transformers Trainer: training, adapter-only checkpoints and an exact resume (also
+under DDP), the delta from save_model / save_pretrained / push_to_hub."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_llama
-from transformers import Trainer, TrainingArguments
+from tiny import tiny_llama, tokens
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
+import deltahub
 from training import SftAdamW, SftConfig, SftSM3, SftStateError, SftTrainer
 from training.checkpoint import FILE_NAME, read_checkpoint
 
@@ -135,3 +142,89 @@ def test_trainer_needs_a_config(tmp_path):
         SftTrainer(Trainer)(model=tiny_llama(), args=args, train_dataset=Sequences())
     with pytest.raises(TypeError, match=r"needs transformers\.Trainer"):
         SftTrainer(dict)
+
+
+def _same_delta(a, b):
+    assert list(a) == list(b)
+    for name in a:
+        assert torch.equal(a[name].indices, b[name].indices), name
+        assert torch.equal(a[name].values, b[name].values), name
+
+
+def test_save_model_writes_the_delta_and_the_full_model_on_request(tmp_path):
+    trainer = make_trainer(tmp_path / "run", max_steps=6, save_steps=3)
+    trainer.train()
+    model = trainer.model
+    delta = model.to_delta()
+    trainer.save_model()  # Trainer -> model.save_pretrained(output_dir): the delta, next to the checkpoints
+    out = tmp_path / "run"
+    assert {"delta.safetensors", "delta_config.json", "README.md", "checkpoint-3"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert not (out / "model.safetensors").exists()
+    assert (out / "checkpoint-3" / FILE_NAME).exists()  # saving the delta kept the folder's other files
+    _same_delta(deltahub.load_delta(out), delta)
+    x = tokens()
+    with torch.no_grad():
+        trained = model(x).logits
+        fresh = tiny_llama()
+        deltahub.apply_deltas(fresh, out)
+        assert torch.equal(fresh(x).logits, trained)
+    model.save_pretrained(tmp_path / "full", full_model=True)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    assert not (tmp_path / "full" / "delta_config.json").exists()
+    with torch.no_grad():
+        assert torch.equal(plain(x).logits, trained)
+    model.save_pretrained(tmp_path / "again")  # the delta again: the full save restored the delta saver
+    assert (tmp_path / "again" / "delta_config.json").exists()
+    with pytest.raises(TypeError, match=r"takes no \['max_shard_sizes'\]; pass full_model=True"):
+        model.save_pretrained(tmp_path / "bad", max_shard_sizes="1GB")
+
+
+def test_push_to_hub_uploads_the_delta_and_the_full_model_on_request(tmp_path, hub_env):
+    trainer = make_trainer(tmp_path / "run", max_steps=4, save_steps=100)
+    trainer.train()
+    model = trainer.model
+    repo_id = hub_env.new_repo_id("sft")
+    result = model.push_to_hub(repo_id)
+    assert result.repo_id == repo_id
+    assert "delta_config.json" in hub_env.api.list_repo_files(repo_id)
+    _same_delta(deltahub.load_hub_delta(repo_id), model.to_delta())
+    full_repo = hub_env.new_repo_id("sft-full")
+    model.push_to_hub(full_repo, full_model=True)
+    files = set(hub_env.api.list_repo_files(full_repo))
+    assert "model.safetensors" in files and "delta_config.json" not in files
+    trainer.args.hub_model_id = hub_env.new_repo_id("sft-trainer")
+    trainer.push_to_hub()  # the Trainer's own push: save_model (the delta) and its folder
+    pushed = deltahub.load_hub_delta(trainer.args.hub_model_id)
+    _same_delta(pushed, model.to_delta())
+    card = Path(hub_env.api.hf_hub_download(trainer.args.hub_model_id, "README.md"))
+    assert "library_name: deltahub" in card.read_text(encoding="utf-8")  # deltahub's card, not the Trainer's
+
+
+@pytest.mark.slow
+def test_trainer_under_ddp_resumes_bit_exactly_on_every_rank(tmp_path):
+    worker = Path(__file__).parent / "ddp_trainer.py"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(worker),
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for algorithm in ("rigl", "sm3"):
+        # rank 0 wrote the checkpoint; both ranks resumed from it
+        assert set(_files(tmp_path / algorithm / "full" / "checkpoint-5")) >= {FILE_NAME, "rng_state_1.pth"}
+        full = deltahub.load_delta(tmp_path / algorithm / "full-delta-rank0")
+        for name in ("full-delta-rank1", "resumed-delta-rank0", "resumed-delta-rank1"):
+            _same_delta(deltahub.load_delta(tmp_path / algorithm / name), full)
