@@ -76,3 +76,31 @@ def save_char_tokenizer(folder) -> None:
     PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>").save_pretrained(
         folder
     )
+
+
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+# A ChatML-like template: each turn is <|role|>content<|end|> and a newline.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def chat_tokenizer(template: str | None = CHAT_TEMPLATE):
+    """The character tokenizer plus one special token per chat marker (ids 37-40, within the tiny vocabulary),
+    with ``template`` as its chat template."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    vocab.update({t: len(vocab) + i for i, t in enumerate(CHAT_TOKENS)})
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        eos_token="<eos>",
+        additional_special_tokens=list(CHAT_TOKENS),
+    )
+    tokenizer.chat_template = template
+    return tokenizer
