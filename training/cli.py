@@ -1,9 +1,11 @@
-"""``deltahub train``: sparse fine-tuning from the command line (attached lazily to the ``deltahub`` group)."""
+"""``deltahub train``: sparse fine-tuning from the command line (attached lazily to the ``deltahub`` group).
+
+A thin shell over ``training.run.train_delta``; under ``torchrun`` / ``accelerate launch`` it runs on every
+process (DDP, or FSDP2 with ``--fsdp``) and rank 0 writes the delta.
+"""
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 
 import click
@@ -25,19 +27,72 @@ import click
 @click.option("--target-modules", default=None, help="Comma-separated name suffixes, e.g. q_proj,v_proj.")
 @click.option("--values-dtype", default="float32", show_default=True)
 @click.option(
-    "--steps", type=click.IntRange(1), default=100, show_default=True, help="Optimizer update steps."
+    "--max-steps",
+    "--steps",
+    "max_steps",
+    type=click.IntRange(1),
+    default=None,
+    help="Optimizer update steps [default: 100, or what --epochs gives]; wins over --epochs.",
 )
-@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option(
+    "--epochs", type=click.FloatRange(0, min_open=True), default=None, help="Passes over the training data."
+)
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Per process.")
 @click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True)
 @click.option(
     "--lr", type=float, default=None, help="Learning rate [default: 1e-3 for rigl (AdamW), 0.1 for sm3]."
 )
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--seq-len", type=click.IntRange(8), default=256, show_default=True)
 @click.option(
-    "--text-field", default="text", show_default=True, help="Field holding the text in a .jsonl file."
+    "--seq-len",
+    type=click.IntRange(8),
+    default=256,
+    show_default=True,
+    help="Block length (plain text, --packing) or the longest conversation kept (padding).",
+)
+@click.option(
+    "--text-field", default="text", show_default=True, help="Column holding the text in a records file."
+)
+@click.option(
+    "--messages-field",
+    default="messages",
+    show_default=True,
+    help="Column of conversations (lists of {role, content}); a file with it trains on assistant tokens only.",
+)
+@click.option(
+    "--chat-template",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A Jinja chat template file to use instead of the tokenizer's.",
+)
+@click.option(
+    "--packing/--padding",
+    default=False,
+    show_default=True,
+    help="Conversations: pack them into --seq-len blocks, or pad each batch to its longest.",
+)
+@click.option(
+    "--eval-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.1,
+    show_default=True,
+    help="Held out for the loss report: the last blocks of plain text, a seeded random share of conversations.",
+)
+@click.option(
+    "--eval-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A separate held-out file (instead of --eval-fraction).",
+)
+@click.option(
+    "--eval-every", type=click.IntRange(1), default=None, help="Report the held-out loss every N steps."
 )
 @click.option("--dtype", default=None, help="Load the base in this dtype (default: as saved).")
+@click.option(
+    "--fsdp",
+    is_flag=True,
+    help="Under torchrun/accelerate launch: shard the base across the processes with FSDP2 (default DDP).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing delta folder at --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -54,38 +109,44 @@ def train(
     rate_policy,
     target_modules,
     values_dtype,
-    steps,
+    max_steps,
+    epochs,
     batch_size,
     grad_accum,
     lr,
     weight_decay,
     seq_len,
     text_field,
+    messages_field,
+    chat_template,
+    packing,
+    eval_fraction,
+    eval_file,
+    eval_every,
     dtype,
+    fsdp,
     seed,
     overwrite,
     quiet,
 ):
-    """Train a sparse delta of BASE (a local model folder) on DATASET (.txt or .jsonl) and save it to --out.
+    """Train a sparse delta of BASE (a local model folder) on DATASET and save it to --out.
 
-    The last tenth of the token blocks is held out to report the loss before and after.
+    DATASET is plain text (.txt, .md) or records (.jsonl, .json, .parquet, .csv). Records with a `messages`
+    column (lists of {"role", "content"}) are conversations: rendered with the tokenizer's chat template, with
+    the loss on the assistant's tokens only. Otherwise each record's --text-field is a document. A held-out
+    share reports the loss before and after (and every --eval-every steps).
 
     \b
     Examples:
-      deltahub train ./smollm2 plays.txt --out ./shakespeare-delta --density 0.01 --steps 200
-      deltahub train ./base data.jsonl --out ./d --algorithm sm3 --num-tunable-weights 1000000 --lr 0.1
+      deltahub train ./smollm2 plays.txt --out ./shakespeare-delta --density 0.01 --max-steps 200
+      deltahub train ./smollm2-instruct chats.jsonl --out ./chat-delta --epochs 2 --seq-len 1024 --packing
+      deltahub train ./base data.parquet --out ./d --algorithm sm3 --num-tunable-weights 1000000 --lr 0.1
+      torchrun --nproc_per_node 2 -m deltahub.cli train ./base chats.jsonl --out ./d --fsdp
     """
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import deltahub
 
     from .config import SftConfig
-    from .data import read_texts, token_blocks
-    from .model import get_sft_model
-    from .optim import SftAdamW, SftSM3
-    from .selector import SftSelector
+    from .run import DataOptions, finish, train_delta
 
     if density is None and num_tunable_weights is None:
         density = 0.01
@@ -103,54 +164,35 @@ def train(
     )
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise click.UsageError(f"{out} already exists and is not empty; pass --overwrite to replace it")
-    t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    blocks = token_blocks(read_texts(dataset, text_field), tokenizer, seq_len)
-    n_eval = max(1, len(blocks) // 10)
-    train_blocks, eval_blocks = blocks[:-n_eval], blocks[-n_eval:]
-    kwargs = (
-        {"dtype": deltahub._dtypes.parse_dtype(dtype, allowed=deltahub._dtypes.BASE_DTYPES, what="--dtype")}
+    parsed_dtype = (
+        deltahub._dtypes.parse_dtype(dtype, allowed=deltahub._dtypes.BASE_DTYPES, what="--dtype")
         if dtype
-        else {}
+        else None
     )
-    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    model = get_sft_model(model, config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if algorithm == "sm3":
-        optimizer = SftSM3(params, model.active_deltas(), lr=lr or 0.1, weight_decay=weight_decay)
-    else:
-        optimizer = SftAdamW(params, lr=lr or 1e-3, weight_decay=weight_decay)
-    selector = SftSelector(model, optimizer, total_update_steps=steps, grad_accumulation_steps=grad_accum)
-
-    def held_out_loss() -> float:
-        model.eval()
-        with torch.no_grad():
-            losses = [model(input_ids=b, labels=b).loss.item() for b in eval_blocks.split(batch_size)]
-        model.train()
-        return sum(losses) / len(losses)
-
-    before = held_out_loss()
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    bar = tqdm(range(steps), desc="sparse fine-tuning", disable=quiet or None, unit="step")
-    for _ in bar:
-        for _ in range(grad_accum):
-            batch = train_blocks[torch.randint(0, len(train_blocks), (batch_size,), generator=gen)]
-            loss = model(input_ids=batch, labels=batch).loss
-            (loss / grad_accum).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        selector.step()
-        if math.isfinite(loss.item()):
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    after = held_out_loss()
-    delta = model.to_delta()
-    if delta.base_model in (None, ""):
-        delta.base_model = str(base)
-    deltahub.save_delta(delta, out, overwrite=overwrite)
-    click.echo(
-        f"trained {algorithm} delta: held-out loss {before:.4f} -> {after:.4f}; {delta.nnz:,} values "
-        f"({delta.nnz / sum(p.numel() for p in model.parameters()):.3%} of the model) in {len(delta)} weights; "
-        f"{steps} steps in {time.perf_counter() - t0:.1f} s -> {out}"
+    result = train_delta(
+        base,
+        dataset,
+        config,
+        data=DataOptions(
+            seq_len=seq_len,
+            text_field=text_field,
+            messages_field=messages_field,
+            chat_template=chat_template,
+            packing=packing,
+            eval_fraction=eval_fraction,
+            eval_file=eval_file,
+        ),
+        max_steps=max_steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        weight_decay=weight_decay,
+        eval_every=eval_every,
+        dtype=parsed_dtype,
+        seed=seed,
+        fsdp=fsdp,
+        quiet=quiet,
+        log=click.echo,
     )
+    finish(result, out, overwrite, log=click.echo)
