@@ -197,3 +197,34 @@ def test_trainer_dataset_pads_with_its_collator(tmp_path):
     )
     packed = load_instruction_dataset(path, chat_tokenizer(), seq_len=8, packing=True)
     assert packed[0]["input_ids"].shape == (8,)
+
+
+def test_the_trainer_trains_on_the_instruction_dataset(tmp_path):
+    from tiny import tiny_llama
+    from transformers import Trainer, TrainingArguments
+
+    from training import SftConfig, SftTrainer
+
+    records = [{"messages": CONVERSATION}, {"messages": CONVERSATION[1:3]}] * 8
+    ds = load_instruction_dataset(
+        write_jsonl(tmp_path / "chats.jsonl", records), chat_tokenizer(), seq_len=64
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        save_strategy="no",
+    )
+    trainer = SftTrainer(Trainer)(
+        model=tiny_llama(),
+        args=args,
+        train_dataset=ds,
+        data_collator=ds.collator,
+        sft_config=SftConfig(density=0.05),
+    )
+    result = trainer.train()
+    assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
+    assert trainer.model.to_delta().provenance["steps"] == 4

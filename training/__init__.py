@@ -12,7 +12,9 @@ Example:
 """
 
 from .config import SftConfig
+from .data import load_instruction_dataset
 from .errors import SftConfigError, SftStateError
+from .fsdp import shard_sft_model
 from .model import ActiveDelta, get_sft_model, unwrap_sft_model
 from .optim import SftAdamW, SftSM3
 from .selector import SftSelector
@@ -28,5 +30,7 @@ __all__ = [
     "SftStateError",
     "SftTrainer",
     "get_sft_model",
+    "load_instruction_dataset",
+    "shard_sft_model",
     "unwrap_sft_model",
 ]

@@ -261,11 +261,20 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sav
         for key, value in g.items():
             if key != "params":
                 group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
-    optimizer.state.clear()
     for name, state in saved["state"].items():
         param = by_name.get(name)
         if param is None:
             raise SftStateError(f"the checkpoint has optimizer state for {name!r}, which this model lacks")
+        for key, t in state.items():
+            # per-slot state has one entry per value; SM3's row/column accumulators are 1-D per weight side
+            if t.dim() != 1 or (key not in ("row", "col") and t.numel() != param.numel()):
+                raise SftStateError(
+                    f"the checkpoint's optimizer state {name}/{key} has shape {tuple(t.shape)}, which does not "
+                    f"fit a parameter of {param.numel()} values"
+                )
+    optimizer.state.clear()
+    for name, state in saved["state"].items():
+        param = by_name[name]
         optimizer.state[param] = {key: t.to(param.device) for key, t in state.items()}
 
 

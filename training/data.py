@@ -74,7 +74,12 @@ def _root_cause(err: BaseException) -> str:
 def load_records(path: str | os.PathLike) -> Any:
     """The records of a ``.jsonl``/``.json``/``.parquet``/``.csv`` file as a ``datasets.Dataset`` (local file,
     no network); SftConfigError naming the file and what is wrong with it otherwise."""
-    import datasets
+    try:
+        import datasets
+    except ImportError as e:
+        raise SftConfigError(
+            f"reading {Path(path).name} needs the datasets library: pip install 'deltahub[train]'"
+        ) from e
 
     path = Path(path)
     _check_file(path)
