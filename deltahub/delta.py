@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ._dtypes import BASE_DTYPES, VALUE_DTYPES, dtype_name, index_dtype_for
-from .errors import BaseMismatchError
+from .errors import ArgumentTypeError, BaseMismatchError, InvalidArgumentError
 from .sparse_ops import weighted_sum
 
 
@@ -43,7 +43,7 @@ class ParamDelta:
         object.__setattr__(self, "shape", shape)
         problems = _param_problems(self.indices, self.values, shape, self.dtype)
         if problems:
-            raise ValueError("invalid ParamDelta: " + "; ".join(problems))
+            raise InvalidArgumentError("invalid ParamDelta: " + "; ".join(problems))
         want = index_dtype_for(_numel(shape))
         if self.indices.dtype != want:
             object.__setattr__(self, "indices", self.indices.to(want))
@@ -196,7 +196,7 @@ class SparseDelta(Mapping[str, ParamDelta]):
         self._params: dict[str, ParamDelta] = dict(params.items() if isinstance(params, Mapping) else params)
         for name, p in self._params.items():
             if not isinstance(p, ParamDelta):
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"SparseDelta params must be ParamDelta objects; {name!r} is {type(p).__name__}"
                 )
         self.base_model = base_model
@@ -256,7 +256,7 @@ class SparseDelta(Mapping[str, ParamDelta]):
         fields = {"params": self._params, "provenance": self.provenance, **self._metadata()}
         unknown = set(changes) - set(fields)
         if unknown:
-            raise TypeError(f"unknown SparseDelta fields {sorted(unknown)}; valid: {sorted(fields)}")
+            raise ArgumentTypeError(f"unknown SparseDelta fields {sorted(unknown)}; valid: {sorted(fields)}")
         fields.update(changes)
         return SparseDelta(fields.pop("params"), **fields)
 

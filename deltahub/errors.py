@@ -18,6 +18,23 @@ def _bulleted(problems: Iterable[str]) -> str:
     return "\n".join(f"  - {p}" for p in problems)
 
 
+class InvalidArgumentError(DeltahubError, ValueError):
+    """An argument has a value the function cannot take (a bad size, dtype, weight, path...); the message names
+    the keyword argument, the value and the expected form."""
+
+
+class ArgumentTypeError(DeltahubError, TypeError):
+    """An argument of the wrong type (a path where a delta was expected, say); the message names both."""
+
+
+class PathNotFoundError(DeltahubError, FileNotFoundError):
+    """A file or folder given as input does not exist (and, for a delta, is not a Hub id either)."""
+
+
+class InvalidRepoIdError(InvalidArgumentError):
+    """A Hub repo id or ``org/name@revision`` reference that breaks the Hub's naming rules."""
+
+
 class DeltaFormatError(DeltahubError, ValueError):
     """A delta file or folder breaks the format contract (see ``docs/format.md``).
 
@@ -35,7 +52,11 @@ class DeltaFormatError(DeltahubError, ValueError):
 
 
 class DeltaExistsError(DeltahubError, FileExistsError):
-    """Saving would replace an existing, non-empty file or folder; pass ``overwrite=True`` to replace it."""
+    """Writing would replace an existing, non-empty file or folder; pass ``overwrite=True`` to replace it."""
+
+
+class MergeConfigError(InvalidArgumentError):
+    """A ``merge.yaml`` that cannot be read or breaks its schema; every problem is listed."""
 
 
 class BaseMismatchError(DeltahubError, ValueError):
@@ -105,3 +126,8 @@ class NotADeltaError(HubError, ValueError):
 
 class OutOfSpaceError(DeltahubError, OSError):
     """The disk holding an output filled up (or would, by the planned output size)."""
+
+
+class MissingExtraError(DeltahubError, ImportError):
+    """An optional dependency (an extra such as ``deltahub[plot]``) is not installed; the message says what
+    to install."""

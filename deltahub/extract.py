@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ._dtypes import BASE_DTYPES, VALUE_DTYPES, dtype_name, parse_dtype
 from .checkpoint import Checkpoint, TensorSource, as_tensor_source
 from .delta import ParamDelta, SparseDelta
-from .errors import ExtractionError
+from .errors import ArgumentTypeError, ExtractionError, InvalidArgumentError
 from .fingerprint import tensor_samples
 
 ModelLike = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike | TensorSource
@@ -102,20 +102,20 @@ def extract_delta(
 
 def _check_options(density: Any, num: Any, scope: str, on_mismatch: str) -> tuple[str, float | int]:
     if (density is None) == (num is None):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"give exactly one of density (a fraction in (0, 1]) or num (a number of entries); got "
             f"density={density!r}, num={num!r}"
         )
     if scope not in ("parameter", "global"):
-        raise ValueError(f"scope must be 'parameter' or 'global'; got {scope!r}")
+        raise InvalidArgumentError(f"scope must be 'parameter' or 'global'; got {scope!r}")
     if on_mismatch not in ("error", "skip"):
-        raise ValueError(f"on_mismatch must be 'error' or 'skip'; got {on_mismatch!r}")
+        raise InvalidArgumentError(f"on_mismatch must be 'error' or 'skip'; got {on_mismatch!r}")
     if density is not None:
         if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
-            raise ValueError(f"density must be a fraction in (0, 1], e.g. 0.01 for 1%; got {density!r}")
+            raise InvalidArgumentError(f"density must be a fraction in (0, 1], e.g. 0.01 for 1%; got {density!r}")
         return "density", float(density)
     if isinstance(num, bool) or not isinstance(num, numbers.Integral) or num <= 0:
-        raise ValueError(f"num must be a positive integer number of entries; got {num!r}")
+        raise InvalidArgumentError(f"num must be a positive integer number of entries; got {num!r}")
     return "num", int(num)
 
 
@@ -134,12 +134,12 @@ def _matcher(include: Any) -> Callable[[str], bool]:
         try:
             include = re.compile(include)
         except re.error as err:
-            raise ValueError(f"include={include!r} is not a valid regular expression: {err}") from err
+            raise InvalidArgumentError(f"include={include!r} is not a valid regular expression: {err}") from err
     if isinstance(include, re.Pattern):
         return lambda name: include.search(name) is not None
     if callable(include):
         return include
-    raise TypeError(
+    raise ArgumentTypeError(
         f"include must be a regex string, a compiled pattern or a callable; got {type(include).__name__}"
     )
 

@@ -19,33 +19,30 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
+from ._atomic import atomic_folder, check_output
+from ._version import __version__
 from .card import model_card
 from .delta import SparseDelta
 from .errors import (
-    DeltaExistsError,
+    ArgumentTypeError,
     DeltaFormatError,
     HubAuthError,
     HubConnectionError,
     HubError,
     HubRepoNotFoundError,
     HubRevisionNotFoundError,
+    InvalidArgumentError,
     NotADeltaError,
+    PathNotFoundError,
 )
 from .format import load_delta, save_delta
 from .format.spec import CARD_FILE, CONFIG_FILE, INDEX_FILE, SINGLE_FILE
-
-# The atomic-install helpers of save_delta, so a pulled copy appears exactly like a saved delta does.
-from .format.writer import fresh_sibling, install_folder, is_occupied
+from .hub_ids import check_repo_id, is_ref, parse_ref
 
 # What a delta repo may hold that deltahub reads or writes. Shards follow `spec.SHARD_PATTERN`.
 DELTA_FILE_PATTERNS = [CONFIG_FILE, SINGLE_FILE, INDEX_FILE, "delta-*-of-*.safetensors", CARD_FILE]
 
 _SHA = re.compile(r"[0-9a-f]{40}")
-# `namespace/name` with the Hub's characters. Deltas are always namespaced: a bare name ("gpt2") is far more
-# likely a mistyped local folder than a delta repo, so it is not sent to the Hub.
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-_REF_HELP = "expected a Hub repo id like 'org/name' or 'org/name@revision' (a branch, tag or commit sha)"
 
 
 @dataclass(frozen=True)
@@ -67,50 +64,9 @@ class PushResult:
     pr_url: str | None = None
 
 
-def _valid_repo_id(repo_id: object) -> bool:
-    return (
-        isinstance(repo_id, str)
-        and len(repo_id) <= 96
-        and bool(_REPO_ID.fullmatch(repo_id))
-        and ".." not in repo_id
-        and "--" not in repo_id
-        and not repo_id.endswith(".git")
-    )
-
-
-def _check_repo_id(repo_id: object) -> str:
-    if not _valid_repo_id(repo_id):
-        raise ValueError(f"invalid repo id {repo_id!r}: {_REF_HELP}")
-    return repo_id  # type: ignore[return-value]
-
-
-def parse_delta_ref(ref: str) -> tuple[str, str | None]:
-    """Split ``"org/name@revision"`` into ``("org/name", "revision")``; no ``@`` gives ``("org/name", None)``.
-
-    A repo id never contains ``@``, so everything after the first one is the revision (``refs/pr/1`` works).
-
-    Raises:
-        ValueError: ``ref`` is not of that form.
-
-    Example:
-        >>> parse_delta_ref("acme/math-delta@v1")
-        ('acme/math-delta', 'v1')
-    """
-    if not isinstance(ref, str):
-        raise ValueError(f"invalid delta reference {ref!r}: {_REF_HELP}")
-    repo_id, at, revision = ref.partition("@")
-    if not _valid_repo_id(repo_id) or (at and not revision.strip()):
-        raise ValueError(f"invalid delta reference {ref!r}: {_REF_HELP}")
-    return repo_id, (revision if at else None)
-
-
-def is_delta_ref(text: object) -> bool:
-    """Whether ``text`` has the shape of a Hub delta reference (``org/name`` or ``org/name@rev``)."""
-    try:
-        parse_delta_ref(text)  # type: ignore[arg-type]
-    except ValueError:
-        return False
-    return True
+# The Hub's naming rules live in hub_ids; these two names are the public spelling of its helpers.
+parse_delta_ref = parse_ref
+is_delta_ref = is_ref
 
 
 def _is_delta_file(path_in_repo: str) -> bool:
@@ -138,7 +94,7 @@ def _token_hint(token: str | bool | None) -> str:
     return "with your saved token (HF_TOKEN or `hf auth login`)" if get_token() else "no token was found"
 
 
-_TOKEN_FIX = "pass a valid token with --token / token=..., set HF_TOKEN, or run `hf auth login`"
+_TOKEN_FIX = "pass a valid `token`, set HF_TOKEN, or run `hf auth login`"
 
 
 def _causes(err: BaseException) -> list[BaseException]:
@@ -275,9 +231,9 @@ def _ensure_branch(api, repo_id: str, branch: str) -> None:
     if branch in {b.name for b in refs.branches}:
         return
     if branch in {t.name for t in refs.tags}:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"cannot push to {repo_id}@{branch}: {branch!r} is a tag; commits go to a branch (pass another "
-            "--revision, then tag the new commit)"
+            "`revision`, then tag the new commit)"
         )
     api.create_branch(repo_id, branch=branch)  # from main, as `git switch -c` would from the default branch
 
@@ -327,10 +283,10 @@ def push_delta(
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     branch = revision or "main"
     if _SHA.fullmatch(branch):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"cannot push to {repo_id}@{branch}: a commit sha is not a branch; pass a branch name"
         )
     with tempfile.TemporaryDirectory(prefix="deltahub-push-") as tmp:
@@ -340,13 +296,13 @@ def push_delta(
         elif isinstance(delta_or_folder, (str, os.PathLike)):
             folder = Path(delta_or_folder)
             if not folder.is_dir():
-                raise FileNotFoundError(
+                raise PathNotFoundError(
                     f"no delta folder at {os.fspath(delta_or_folder)!r}: push_delta takes a folder written by "
                     "save_delta, or a SparseDelta"
                 )
             delta = load_delta(folder)  # validate before anything leaves the machine
         else:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"push_delta takes a SparseDelta or a folder; got {type(delta_or_folder).__name__}"
             )
         files = _delta_files(folder)
@@ -364,7 +320,7 @@ def push_delta(
             if private and not info.private:
                 raise HubError(
                     f"cannot push to {repo_id}@{branch} as private: the repo exists and is public; make it "
-                    "private on the Hub first, or push without --private",
+                    "private on the Hub first, or push without private=True",
                     repo_id=repo_id,
                     revision=branch,
                 )
@@ -410,7 +366,7 @@ def _snapshot(
     """Download (or find in the cache) the delta's files and load them, with ``origin`` recorded."""
     from huggingface_hub import snapshot_download
 
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     rev = revision or "main"
     where = f"{repo_id}@{rev}"
     with _hub_errors("pull", repo_id, rev, endpoint, token):
@@ -453,16 +409,10 @@ def _snapshot(
 
 def _copy_out(folder: Path, out: Path, overwrite: bool) -> Path:
     """Copy the snapshot's delta files (real bytes, not cache symlinks) to ``out``, atomically."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = fresh_sibling(out, "tmp")
-    try:
+    with atomic_folder(out, overwrite=overwrite) as tmp:
         for path in sorted(folder.iterdir()):
             if path.is_file() and _is_delta_file(path.name):
                 shutil.copyfile(path, tmp / path.name)
-        install_folder(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -507,14 +457,8 @@ def pull_delta(
         >>> folder = pull_delta("acme/math-delta", revision="v1")
         >>> delta = load_delta(folder)
     """
-    out = None if local_dir is None else Path(local_dir)
-    if out is not None:  # checked before any download: a refusal should cost nothing
-        if not out.name or out.name in (".", ".."):
-            raise ValueError(f"local_dir needs a folder path with a name; got {os.fspath(local_dir)!r}")
-        if is_occupied(out) and not overwrite:
-            raise DeltaExistsError(
-                f"{out} already exists and is not empty; pass overwrite=True (--overwrite) to replace it"
-            )
+    # checked before any download: a refusal should cost nothing
+    out = None if local_dir is None else check_output(local_dir, overwrite=overwrite, keyword="local_dir")
     folder, _ = _snapshot(
         repo_id,
         revision,
@@ -546,7 +490,7 @@ def load_hub_delta(
     """
     repo_id, ref_revision = parse_delta_ref(ref)
     if revision is not None and ref_revision is not None and revision != ref_revision:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"two revisions for {repo_id}: {ref_revision!r} in {ref!r} and revision={revision!r}"
         )
     _, delta = _snapshot(

@@ -93,6 +93,10 @@ class OverlapReport:
         }
 
     def __str__(self) -> str:
+        return self.table()
+
+    def table(self, *, per_param: bool = True) -> str:
+        """The report as text: a row per overlapping parameter (unless ``per_param=False``) and the totals."""
         head = (
             f"overlap of {self.num_deltas} deltas (weights {', '.join(f'{w:g}' for w in self.weights)}) "
             f"over {len(self.params)} parameters"
@@ -136,7 +140,8 @@ class OverlapReport:
             return "  ".join(cells).rstrip()
 
         rule = "-" * len(line(header))
-        return "\n".join([head, line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1])])
+        body = [*map(line, rows[:-1]), rule] if per_param else []
+        return "\n".join([head, line(header), rule, *body, line(rows[-1])])
 
 
 def _param_overlap(name: str, deltas: Sequence[SparseDelta], weights: Sequence[float]) -> ParamOverlap:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .delta import SparseDelta
-from .errors import HubRepoNotFoundError
+from .errors import ArgumentTypeError, HubRepoNotFoundError, InvalidArgumentError, PathNotFoundError
 
 DeltaSource = SparseDelta | str | os.PathLike
 
@@ -44,12 +44,12 @@ def resolve_delta(source: DeltaSource) -> SparseDelta:
                     repo_id=err.repo_id,
                     revision=err.revision,
                 ) from err
-        raise FileNotFoundError(
+        raise PathNotFoundError(
             f"no delta at {str(source)!r}: expected a folder with delta.safetensors (or shards) and "
             "delta_config.json, a single .safetensors delta file, or a Hub repo id like 'org/name' or "
             "'org/name@revision'"
         )
-    raise TypeError(f"a delta must be a SparseDelta, a path or a Hub repo id; got {type(source).__name__}")
+    raise ArgumentTypeError(f"a delta must be a SparseDelta, a path or a Hub repo id; got {type(source).__name__}")
 
 
 def check_weights(count: int, weights: Sequence[float] | float | None) -> list[float]:
@@ -66,7 +66,7 @@ def check_weights(count: int, weights: Sequence[float] | float | None) -> list[f
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(float(w)):
             problems.append(f"weight {i} must be a finite number; got {w!r}")
     if problems:
-        raise ValueError("invalid weights: " + "; ".join(problems))
+        raise InvalidArgumentError("invalid weights: " + "; ".join(problems))
     return [float(w) for w in weights]
 
 

@@ -1,6 +1,6 @@
 """Shared pytest fixtures.
 
-Hub fixtures (the server is deltahub/localhub, which `deltahub demo` also starts): tests talk to a loopback
+Hub fixtures (the server is deltahub/demo/localhub, which `deltahub demo` also starts): tests talk to a loopback
 Hub-compatible server through the real `huggingface_hub` client over HTTP.
 
 * ``_isolated_hf_cache`` (autouse): every HF cache, token and state file points at a fresh temp folder, telemetry is
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi, constants
 
-from deltahub.localhub import HubServer
+from deltahub.demo.localhub import HubServer
 
 HUB_USER, HUB_TOKEN = "alice", "hf_test_alice_0123456789"
 HUB_OTHER_USER, HUB_OTHER_TOKEN = "bob", "hf_test_bob_0123456789"

@@ -79,6 +79,10 @@ def test_the_card_yaml_reproduces_the_merge(setup):
     (root / "merge.yaml").write_text(yaml_text)
     run("merge", "--config", root / "merge.yaml", "--out", root / "b", "-q")
     assert without_card(root / "a") == without_card(root / "b")
+    # the merge.yaml the card promises is in the folder, is the card's text, and reproduces the merge itself
+    assert (root / "a" / "merge.yaml").read_text() == yaml_text
+    run("merge", "--config", root / "a" / "merge.yaml", "--out", root / "c", "-q")
+    assert without_card(root / "c") == without_card(root / "a")
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(setup):
@@ -94,16 +98,16 @@ def test_dry_run_prints_the_plan_and_writes_nothing(setup):
 
 
 @pytest.mark.parametrize(
-    ("case", "first_line"),
+    ("case", "code", "first_line"),
     [
-        ("bad_delta", "error: no delta at"),
-        ("wrong_base", "error: the deltas were made on a different base (30 parameters differ)"),
-        ("missing", "error: the deltas do not fit this base model (parameter names or shapes differ):"),
-        ("existing_out", "error: {out} already exists and is not empty; pass --overwrite to replace it"),
-        ("bad_option", "error: combination method 'sum' takes no options; got 'density'"),
+        ("bad_delta", 3, "error: no delta at"),
+        ("wrong_base", 6, "error: the deltas were made on a different base (30 parameters differ)"),
+        ("missing", 6, "error: the deltas do not fit this base model (parameter names or shapes differ):"),
+        ("existing_out", 4, "error: {out} already exists and is not empty; pass --overwrite to replace it"),
+        ("bad_option", 2, "error: combination method 'sum' takes no options; got 'density'"),
     ],
 )
-def test_errors_are_one_clear_line_with_exit_code_1_and_nothing_written(setup, case, first_line):
+def test_errors_are_one_clear_line_with_their_exit_code_and_nothing_written(setup, case, code, first_line):
     root, base, _, paths = setup
     out = root / "out"
     args = [base, *paths]
@@ -125,7 +129,7 @@ def test_errors_are_one_clear_line_with_exit_code_1_and_nothing_written(setup, c
         args = [*args, "--density", "0.5"]
     before = sorted(p.name for p in root.iterdir())
     result = CliRunner().invoke(main, ["merge", *map(str, args), "--out", str(out)])
-    assert result.exit_code == 1
+    assert result.exit_code == code
     lines = result.output.splitlines()
     assert lines[0].startswith(first_line.format(out=out)), lines[0]
     assert "Traceback" not in result.output
@@ -176,8 +180,8 @@ def test_inspect_plot_without_matplotlib_is_a_clear_error(setup, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     result = CliRunner().invoke(main, ["inspect", str(paths[0]), "--plot", str(root / "x.png")])
-    assert result.exit_code == 1
-    assert "--plot needs matplotlib: pip install 'deltahub[plot]'" in result.output
+    assert result.exit_code == 10
+    assert "error: plotting needs matplotlib: pip install 'deltahub[plot]'" in result.output
     assert not (root / "x.png").exists()
 
 

@@ -1,4 +1,4 @@
-"""push_delta / pull_delta / Hub references, against the loopback Hub (deltahub.localhub) through the real
+"""push_delta / pull_delta / Hub references, against the loopback Hub (deltahub.demo.localhub) through the real
 huggingface_hub client over HTTP: nothing in huggingface_hub is patched beyond the endpoint constants that the
 ``hub_env`` fixture points at the server (as HF_ENDPOINT would)."""
 
@@ -153,7 +153,7 @@ def test_private_repo_needs_the_right_token(hub_env, tmp_path):
         pull_delta(repo_id, token=False, cache_dir=tmp_path / "c1")
     assert str(err.value) == (
         f"cannot pull {repo_id}@main: repo {repo_id} not found on {hub_env.url} (no token was sent); "
-        "check the id, and if the repo is private pass a valid token with --token / token=..., "
+        "check the id, and if the repo is private pass a valid `token`, "
         "set HF_TOKEN, or run `hf auth login` with access to it"
     )
     with pytest.raises(HubRepoNotFoundError, match="with the token you passed"):
@@ -354,14 +354,14 @@ def test_cli_push_and_pull_as_subprocesses(hub_env, tmp_path):
     assert pull.returncode == 0, pull.stderr
     assert pull.stdout.strip().splitlines()[-1] == str(out) and delta_bytes(out) == delta_bytes(folder)
 
-    # No token: the private repo is invisible. One `error:` line, exit code 1, no traceback, nothing written.
+    # No token: the private repo is invisible. One `error:` line, exit code 3, no traceback, nothing written.
     home = tmp_path / "fresh-home"  # no cached copy (one would be served when the Hub refuses)
     fresh = {**env, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub")}
     missing = _cli("pull", repo_id, "--out", str(tmp_path / "x"), env=fresh)
-    assert missing.returncode == 1
+    assert missing.returncode == 3
     assert missing.stderr.strip().splitlines() == [
         f"error: cannot pull {repo_id}@main: repo {repo_id} not found on {hub_env.url} (no token was found); "
-        "check the id, and if the repo is private pass a valid token with --token / token=..., set HF_TOKEN, or "
+        "check the id, and if the repo is private pass a valid --token, set HF_TOKEN, or "
         "run `hf auth login` with access to it"
     ]
     assert not (tmp_path / "x").exists()
@@ -393,18 +393,15 @@ def test_cli_errors_and_help(hub_env, tmp_path, monkeypatch):
     (out / "keep.txt").parent.mkdir()
     (out / "keep.txt").write_text("mine")
     exists = runner.invoke(main, ["pull", repo_id, "--out", str(out)])
-    assert exists.exit_code == 1
-    assert (
-        exists.stderr
-        == f"error: {out} already exists and is not empty; pass overwrite=True (--overwrite) to replace it\n"
-    )
+    assert exists.exit_code == 4
+    assert exists.stderr == f"error: {out} already exists and is not empty; pass --overwrite to replace it\n"
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
     monkeypatch.setattr(
         constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache")
     )  # nothing cached to fall back on
     wrong = runner.invoke(main, ["pull", repo_id, "--token", "hf_wrong_token_123"])
-    assert wrong.exit_code == 1
+    assert wrong.exit_code == 7
     assert (
         wrong.stderr.strip()
         .splitlines()[-1]
@@ -413,9 +410,9 @@ def test_cli_errors_and_help(hub_env, tmp_path, monkeypatch):
         )
     )
     denied = runner.invoke(main, ["push", str(folder), repo_id, "--token", hub_env.other_token])
-    assert denied.exit_code == 1 and "the token has no write access to" in denied.stderr
+    assert denied.exit_code == 7 and "the token has no write access to" in denied.stderr
     bad_ref = runner.invoke(main, ["pull", "not-a-repo-id"])
-    assert bad_ref.exit_code == 1 and "expected a Hub repo id like 'org/name'" in bad_ref.stderr
+    assert bad_ref.exit_code == 2 and "expected a Hub repo id like 'org/name'" in bad_ref.stderr
     for result in [ok, exists, wrong, denied, bad_ref]:
         assert_no_secret(result.output)
 

@@ -1,4 +1,4 @@
-"""The loopback Hub server (deltahub/localhub) driven by the real huggingface_hub client over HTTP."""
+"""The loopback Hub server (deltahub/demo/localhub) driven by the real huggingface_hub client over HTTP."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from huggingface_hub.utils import get_session
 from huggingface_hub.utils.sha import git_hash
 from safetensors.numpy import save_file
 
-from deltahub.localhub import HubServer
+from deltahub.demo.localhub import HubServer
 
 # The client's own LFS upload (lfs._upload_single_part) passes `data=<file>` to httpx2, which deprecates it.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
@@ -409,7 +409,7 @@ def test_standalone_command_line(tmp_path):
         [
             sys.executable,
             "-m",
-            "deltahub.localhub",
+            "deltahub.demo.localhub",
             "--port",
             "0",
             "--root",

@@ -31,6 +31,7 @@ from deltahub import (
     save_delta,
 )
 from deltahub.fingerprint import fingerprint_of
+from deltahub.merging.config import MergeConfig
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 
@@ -236,11 +237,17 @@ def test_model_card_lists_the_base_and_every_delta_with_weight_and_method(setup)
     ).out  # fmt: skip
     card = (out / "README.md").read_text()
     assert "library_name: transformers" in card
-    assert f'base_model: "{base}"' in card or "base_model:" in card
+    assert card.splitlines()[2] == f"base_model: {json.dumps(str(base))}"
     for path, weight in zip(paths, ["0.5", "-1"], strict=True):
         assert f"| `{path}` | - | {weight} |" in card
     assert "Method: `ties` (options: density=0.4)" in card
-    assert "method: ties" in card and "density: 0.4" in card  # the reproducible merge.yaml
+    # the card quotes the merge.yaml the folder carries, and that file reads back to the merge's own config
+    written = (out / "merge.yaml").read_text()
+    assert f"```yaml\n{written}```" in card
+    assert "method: ties" in written and "  density: 0.4" in written
+    config = MergeConfig.from_yaml(out / "merge.yaml")
+    assert config.method == "ties" and dict(config.options) == {"density": 0.4}
+    assert [(d.path, d.weight) for d in config.deltas] == [(str(paths[0]), 0.5), (str(paths[1]), -1.0)]
 
 
 def test_dry_run_writes_nothing_and_reports_the_plan(setup):
@@ -278,7 +285,7 @@ def test_bad_inputs_fail_before_anything_is_written(setup):
         merge(other, paths, out=root / "out", progress=False)
     with pytest.raises(BaseMismatchError, match=r"1 parameters not in the base, e\.g\. \['model\.layers\.9"):
         merge(base, [stray], out=root / "out", progress=False)
-    with pytest.raises(DeltaExistsError, match="already exists and is not empty; pass --overwrite"):
+    with pytest.raises(DeltaExistsError, match="already exists and is not empty; pass overwrite=True"):
         merge(base, paths, out=root / "taken", progress=False)
     with pytest.raises(ValueError, match="is \\(or contains\\) the base model folder"):
         merge(base, paths, out=base, overwrite=True, progress=False)

@@ -77,19 +77,33 @@ def test_train_writes_a_delta_that_lowers_the_loss(tmp_path, base_folder, algori
 def test_train_errors_are_one_clear_line(tmp_path, base_folder):
     text = tmp_path / "data.txt"
     text.write_text("abc " * 500)
+    proc = run_here("train", tmp_path / "no-such-base", text, "--out", tmp_path / "d")
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    assert proc.stderr == (
+        f"error: no model folder at {str(tmp_path / 'no-such-base')!r}: BASE must be a local folder written by "
+        "save_pretrained\n"
+    )
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("keep")
+    proc = run_here("train", base_folder, text, "--out", tmp_path / "taken")
+    assert proc.returncode == 4
+    assert (
+        proc.stderr
+        == f"error: {tmp_path / 'taken'} already exists and is not empty; pass --overwrite to replace it\n"
+    )
     proc = run_here("train", base_folder, text, "--out", tmp_path / "d", "--density", 2)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: invalid SftConfig: density must be a number in (0, 1]; got 2.0" in proc.stderr
     records = tmp_path / "data.jsonl"
     records.write_text(json.dumps({"text": "hello"}) + "\n" + json.dumps({"body": "x"}) + "\n")
     proc = run_here("train", base_folder, records, "--out", tmp_path / "d")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert (
         "data.jsonl: record 2 has no string field 'text' (got None); choose the field with --text-field"
         in proc.stderr
     )
     proc = run_here("train", base_folder, text, "--out", tmp_path / "d", "--seq-len", 4096)
-    assert proc.returncode == 1 and "fewer than two blocks of --seq-len 4096" in proc.stderr
+    assert proc.returncode == 2 and "fewer than two blocks of --seq-len 4096" in proc.stderr
 
 
 COLORS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "blood": "red", "sun": "yellow"}
@@ -172,10 +186,11 @@ def test_chat_training_learns_the_replies(tmp_path, chat_base):
 def test_chat_data_errors_are_one_clear_line(tmp_path, base_folder, chat_base):
     chats = write_jsonl(tmp_path / "chats.jsonl", dialogues(20))
     proc = run_here("train", base_folder, chats, "--out", tmp_path / "d")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert (
-        "error: the tokenizer of the base has no chat template, which the messages column needs"
+        "error: the tokenizer of the base has no chat template, which the messages column needs; use a chat "
+        "(instruct) model's tokenizer, or pass one with --chat-template (a Jinja template file)"
         in proc.stderr
     )
     proc = run_here("train", chat_base, chats, "--out", tmp_path / "d", "--messages-field", "conversation")
@@ -186,7 +201,7 @@ def test_chat_data_errors_are_one_clear_line(tmp_path, base_folder, chat_base):
     broken = tmp_path / "broken.jsonl"
     broken.write_text(chats.read_text() + "{oops\n")
     proc = run_here("train", chat_base, broken, "--out", tmp_path / "d")
-    assert proc.returncode == 1 and "broken.jsonl:21 is not valid JSON" in proc.stderr
+    assert proc.returncode == 2 and "broken.jsonl:21 is not valid JSON" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
 
 

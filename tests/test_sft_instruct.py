@@ -111,7 +111,7 @@ def test_bad_files_and_records_are_one_line_errors(tmp_path):
         (bad_line, r"bad\.jsonl:2 is not valid JSON \(.*\); each line must be one JSON object"),
         (
             write_jsonl(tmp_path / "cols.jsonl", [{"conversation": CONVERSATION}]),
-            r"cols\.jsonl has no column 'messages' \(its columns: conversation\); choose one with --messages-field",
+            r"cols\.jsonl has no column 'messages' \(its columns: conversation\); choose one with `messages_field`",
         ),
         (
             write_jsonl(

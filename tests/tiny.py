@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from deltahub import ParamDelta, SparseDelta
+from deltahub.demo import tiny as demo_tiny
 from deltahub.fingerprint import fingerprint_of
 
 
 def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
+    return demo_tiny.tiny_llama(dtype, seed)
 
 
 def tiny_gpt2(dtype: torch.dtype = torch.float32, seed: int = 0) -> GPT2LMHeadModel:
@@ -67,15 +57,7 @@ CHARS = "abcdefghijklmnopqrstuvwxyz .,;:!?'\n"
 
 def save_char_tokenizer(folder) -> None:
     """A character-level fast tokenizer (ids < 64, so it fits the tiny models' vocabulary), built offline."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>").save_pretrained(
-        folder
-    )
+    demo_tiny.char_tokenizer(CHARS).save_pretrained(folder)
 
 
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -89,18 +71,7 @@ CHAT_TEMPLATE = (
 def chat_tokenizer(template: str | None = CHAT_TEMPLATE):
     """The character tokenizer plus one special token per chat marker (ids 37-40, within the tiny vocabulary),
     with ``template`` as its chat template."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
-    vocab.update({t: len(vocab) + i for i, t in enumerate(CHAT_TOKENS)})
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        unk_token="<unk>",
-        eos_token="<eos>",
-        additional_special_tokens=list(CHAT_TOKENS),
-    )
+    tokenizer = demo_tiny.char_tokenizer(CHARS)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(CHAT_TOKENS)})
     tokenizer.chat_template = template
     return tokenizer

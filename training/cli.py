@@ -144,6 +144,8 @@ def train(
       torchrun --nproc_per_node 2 -m deltahub.cli train ./base chats.jsonl --out ./d --fsdp
     """
     import deltahub
+    from deltahub._atomic import check_output
+    from deltahub.errors import PathNotFoundError
 
     from .config import SftConfig
     from .run import DataOptions, finish, train_delta
@@ -162,8 +164,12 @@ def train(
         values_dtype=values_dtype,
         seed=seed,
     )
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise click.UsageError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    if not Path(base).is_dir():
+        # Checked before transformers sees it: from_pretrained would try it as a Hub id and fail in 40 lines.
+        raise PathNotFoundError(
+            f"no model folder at {base!r}: `base` must be a local folder written by save_pretrained"
+        )
+    check_output(out, overwrite=overwrite, keyword="out")
     parsed_dtype = (
         deltahub._dtypes.parse_dtype(dtype, allowed=deltahub._dtypes.BASE_DTYPES, what="--dtype")
         if dtype

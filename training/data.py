@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from deltahub.errors import MissingExtraError
+
 from .errors import SftConfigError
 from .instruct_data import (
     Example,
@@ -77,7 +79,7 @@ def load_records(path: str | os.PathLike) -> Any:
     try:
         import datasets
     except ImportError as e:
-        raise SftConfigError(
+        raise MissingExtraError(
             f"reading {Path(path).name} needs the datasets library: pip install 'deltahub[train]'"
         ) from e
 
@@ -123,11 +125,11 @@ def is_text_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix in TEXT_SUFFIXES
 
 
-def column(records: Any, name: str, path: Path, flag: str) -> list[Any]:
+def column(records: Any, name: str, path: Path, keyword: str) -> list[Any]:
     if name not in records.column_names:
         raise SftConfigError(
             f"{path} has no column {name!r} (its columns: {', '.join(records.column_names)}); choose one with "
-            f"{flag}"
+            f"`{keyword}`"
         )
     return records[name]
 
@@ -139,12 +141,12 @@ def read_texts(path: str | os.PathLike, text_field: str = "text") -> list[str]:
     _check_file(path)
     if is_text_file(path):
         return [path.read_text(encoding="utf-8")]
-    texts = column(load_records(path), text_field, path, "--text-field")
+    texts = column(load_records(path), text_field, path, "text_field")
     for number, text in enumerate(texts, 1):
         if not isinstance(text, str):
             raise SftConfigError(
                 f"{path}: record {number} has no string field {text_field!r} (got {text!r:.40}); choose the "
-                "field with --text-field"
+                "field with `text_field`"
             )
     return texts
 
@@ -161,8 +163,8 @@ def token_blocks(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     n = len(stream) // seq_len
     if n < 2:
         raise SftConfigError(
-            f"the dataset has {len(stream)} tokens, fewer than two blocks of --seq-len {seq_len}; give more text or "
-            "a shorter --seq-len"
+            f"the dataset has {len(stream)} tokens, fewer than two blocks of `seq_len` {seq_len}; give more text "
+            "or a shorter `seq_len`"
         )
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
@@ -178,7 +180,7 @@ def read_conversations(
             f"{path} is plain text; conversations need a records file with a {messages_field!r} column"
         )
     return tokenize_conversations(
-        tokenizer, column(load_records(path), messages_field, path, "--messages-field"), str(path)
+        tokenizer, column(load_records(path), messages_field, path, "messages_field"), str(path)
     )
 
 
@@ -210,7 +212,7 @@ class Batches:
         if self.n < batch_size * world:
             raise SftConfigError(
                 f"{self.n} training examples are fewer than one batch ({batch_size} x {world} processes); lower "
-                "--batch-size or give more data"
+                "`batch_size` or give more data"
             )
 
     @property
@@ -246,7 +248,8 @@ def split_held_out(items: list[Any], fraction: float, seed: int) -> tuple[list[A
     n_eval = max(1, round(len(items) * fraction))
     if n_eval >= len(items):
         raise SftConfigError(
-            f"{len(items)} examples cannot spare {n_eval} for the held-out split; lower --eval-fraction or give more data"
+            f"{len(items)} examples cannot spare {n_eval} for the held-out split; lower `eval_fraction` or give "
+            "more data"
         )
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
     held = set(order[:n_eval])
@@ -292,5 +295,5 @@ def load_instruction_dataset(
         return InstructionDataset(pack(examples, seq_len), pad_id)
     kept, _, _ = truncate(examples, seq_len)
     if not kept:
-        raise SftConfigError(f"no conversation of {path} keeps an assistant token within --seq-len {seq_len}")
+        raise SftConfigError(f"no conversation of {path} keeps an assistant token within `seq_len` {seq_len}")
     return InstructionDataset(kept, pad_id)

@@ -1,9 +1,9 @@
 """Errors of the training subsystem; each is also a deltahub error and the builtin callers would catch."""
 
-from deltahub.errors import DeltahubError
+from deltahub.errors import DeltahubError, InvalidArgumentError
 
 
-class SftConfigError(DeltahubError, ValueError):
+class SftConfigError(InvalidArgumentError):
     """An SftConfig field (or an argument that depends on the model) is outside its allowed range."""
 
 

@@ -41,7 +41,7 @@ def check_chat_template(tokenizer: Any, source: str = "the tokenizer") -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise SftConfigError(
             f"{source} has no chat template, which the messages column needs; use a chat (instruct) model's "
-            "tokenizer, or pass one with --chat-template FILE (a Jinja template)"
+            "tokenizer, or pass one with `chat_template` (a Jinja template file)"
         )
 
 
@@ -120,7 +120,7 @@ def tokenize_conversation(
             raise SftConfigError(
                 f"{where}: the chat template renders turn {i} differently once later turns follow, so the "
                 "assistant's tokens cannot be located by rendering prefixes; add {% generation %} ... "
-                "{% endgeneration %} around assistant content in the template (--chat-template FILE)"
+                "{% endgeneration %} around assistant content in the template (`chat_template`)"
             )
         spans.append((len(before), len(through)))
     if not getattr(tokenizer, "is_fast", False):
@@ -179,8 +179,8 @@ def pack(examples: Sequence[Example], seq_len: int) -> tuple[torch.Tensor, torch
     n = len(ids) // seq_len
     if n == 0:
         raise SftConfigError(
-            f"the conversations have {len(ids)} tokens in all, less than one block of --seq-len {seq_len}; "
-            "give more data or a shorter --seq-len"
+            f"the conversations have {len(ids)} tokens in all, less than one block of `seq_len` {seq_len}; "
+            "give more data or a shorter `seq_len`"
         )
     shape = (n, seq_len)
     return (

@@ -19,13 +19,13 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from deltahub.assets import cache_dir
+from deltahub._atomic import atomic_file
+from deltahub.cache import cache_dir
 
 SOURCE = Path(__file__).with_name("csrc") / "sddmm.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -40,13 +40,13 @@ _ARGTYPES = [
 
 def _compile(compiler: str, target: Path) -> None:
     """Build into a temporary file and rename: concurrent processes (DDP ranks) never load a half-written one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
+
+    def build(path: Path) -> None:
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True, text=True
+            [compiler, *FLAGS, str(SOURCE), "-o", str(path)], check=True, capture_output=True, text=True
         )
-        os.replace(built, target)
+
+    atomic_file(target, build)
 
 
 @functools.cache

@@ -95,13 +95,13 @@ def _load_data(dataset: Path, tokenizer: Any, opts: DataOptions, seed: int) -> _
     train, truncated, dropped = truncate(train, opts.seq_len)
     held, held_truncated, held_dropped = truncate(held, opts.seq_len)
     if truncated or held_truncated:
-        note += f"; {truncated + held_truncated} cut to --seq-len {opts.seq_len}"
+        note += f"; {truncated + held_truncated} cut to {opts.seq_len} tokens"
     if dropped or held_dropped:
         note += f", {dropped + held_dropped} left without an assistant token and skipped"
     if not train or not held:
         raise SftConfigError(
             f"no {'training' if not train else 'held-out'} conversation keeps an assistant token within "
-            f"--seq-len {opts.seq_len}; raise --seq-len"
+            f"`seq_len` {opts.seq_len}; raise `seq_len`"
         )
     return _Data(train, held, note)
 
@@ -181,7 +181,7 @@ def train_delta(
     rank, world = _setup_distributed()
     if fsdp and world == 1:
         raise SftConfigError(
-            "--fsdp shards the base across processes: launch with torchrun --nproc_per_node N (or accelerate "
+            "`fsdp` shards the base across processes: launch with torchrun --nproc_per_node N (or accelerate "
             "launch) and N >= 2"
         )
     if quiet or rank != 0:

@@ -1,23 +1,19 @@
-"""The ``deltahub`` command: one click group, each verb a thin shell over a public function.
+"""The ``deltahub`` command: one click group, each verb a thin shell over a public function, one module per verb.
 
-Each verb lives in its own module of this package and is registered explicitly at the bottom of this file.
-Known errors (deltahub's own, missing files, bad values) print as ``error: ...`` with exit code 1; set
-``DELTAHUB_DEBUG=1`` to see the traceback instead.
+Every failure prints one ``error: ...`` line and exits with the code of its kind (``_errors.EXIT_CODES``,
+documented in ``docs/cli.md``); ``DELTAHUB_DEBUG=1`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
+import inspect
 import sys
 
 import click
 
-from .. import __version__
-from ..errors import DeltahubError
-
-KNOWN_ERRORS = (DeltahubError, FileNotFoundError, FileExistsError, ValueError)
-
+from .._version import __version__
+from ._errors import exit_code_table, main_with_errors
 
 # Verbs that live outside deltahub's core, imported only when invoked: `train` pulls in the training
 # subsystem, which depends on deltahub (never the reverse).
@@ -34,14 +30,15 @@ class _Group(click.Group):
             self.add_command(getattr(importlib.import_module(module), attr), name)
         return super().get_command(ctx, name)
 
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except KNOWN_ERRORS as err:
-            if os.environ.get("DELTAHUB_DEBUG") == "1":
-                raise
-            click.echo(f"error: {err}", err=True)
-            sys.exit(1)
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, command, rest = super().resolve_command(ctx, args)
+        holder = ctx.meta.get("deltahub.command")
+        if holder is not None:
+            holder[0] = command  # the error layer rewrites keyword arguments into this verb's flags
+        return name, command, rest
+
+    def main(self, args=None, prog_name=None, **_: object):  # type: ignore[override]
+        sys.exit(main_with_errors(self, args, prog_name or "deltahub"))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,15 +48,27 @@ def main() -> None:
 
     \b
     Examples:
-      deltahub demo                  # the end-to-end example on a tiny model, offline
-      deltahub demo --out ./demo-out --steps 100
+      deltahub demo                  # the end-to-end example on SmolLM2-135M-Instruct, offline (~7 min)
+      deltahub demo --fast           # the same flow on a tiny random model (~30 s)
+      deltahub inspect ./my-delta
+      deltahub merge ./base ./my-delta --out ./merged
+
+    \b
+    Errors print one line, "error: ...", and exit with (DELTAHUB_DEBUG=1 adds the traceback):
+    EXIT_CODES
     """
+
+
+main.help = inspect.cleandoc(main.help or "").replace("EXIT_CODES", exit_code_table().strip("\n"))
 
 
 def _register() -> None:
     from .demo import demo
-    from .hub import pull, push
-    from .merge import extract, inspect, merge
+    from .extract import extract
+    from .inspect import inspect
+    from .merge import merge
+    from .pull import pull
+    from .push import push
 
     for command in (demo, push, pull, merge, inspect, extract):
         main.add_command(command)

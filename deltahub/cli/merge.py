@@ -1,92 +1,15 @@
-"""`deltahub merge`, `deltahub inspect`, `deltahub extract`: thin shells over :func:`deltahub.merge`,
-:func:`deltahub.load_delta` + :func:`deltahub.overlap_report`, and :func:`deltahub.extract_delta`."""
+"""`deltahub merge`: a thin shell over :func:`deltahub.merge`, with ``merge.yaml`` read as a
+:class:`deltahub.merging.config.MergeConfig` (the same type the merged folder's ``merge.yaml`` is written from)."""
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from collections.abc import Sequence
+import inspect
 from pathlib import Path
-from typing import Any
 
 import click
 
-from ..methods import available_methods, get_method
-
-_DTYPES = ["float32", "bfloat16", "float16"]
-_QUIET = click.option(
-    "--quiet", "-q", is_flag=True, help="No progress bars or summaries; errors still print."
-)
-
-
-def _option_help(option: str) -> str:
-    """Help for a method option, written once in the registry: which methods take it, and its range."""
-    parts = []
-    for name in available_methods():
-        spec = get_method(name)
-        if option in spec.options:
-            o = spec.options[option]
-            parts.append(f"{name}: {o.help}, {o.range}, default {o.default:g}")
-    return "; ".join(parts) + "."
-
-
-# --------------------------------------------------------------------------------------------------------------
-# merge
-
-_CONFIG_KEYS = {"base", "deltas", "method", "options", "dtype", "max_shard_size", "out"}
-_DELTA_KEYS = {"path", "weight", "revision"}
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """A ``merge.yaml`` as merge() keyword arguments: base, deltas (with weights), method, method_options, dtype,
-    max_shard_size and out. Raises ValueError listing every problem."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"cannot read the merge config {path}: {err}") from err
-    problems = []
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must be a YAML mapping with keys {sorted(_CONFIG_KEYS)}")
-    unknown = sorted(set(data) - _CONFIG_KEYS)
-    if unknown:
-        problems.append(f"unknown keys {unknown}; valid: {sorted(_CONFIG_KEYS)}")
-    if not isinstance(data.get("base"), str):
-        problems.append("'base' must be a model folder or Hub id like 'org/name@revision'")
-    entries = data.get("deltas")
-    deltas, weights = [], []
-    if not isinstance(entries, list) or not entries:
-        problems.append("'deltas' must be a non-empty list of {path, weight, revision} entries")
-        entries = []
-    for i, entry in enumerate(entries):
-        if isinstance(entry, str):
-            entry = {"path": entry}
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            problems.append(f"deltas[{i}] must be a path string or a mapping with a 'path'")
-            continue
-        bad = sorted(set(entry) - _DELTA_KEYS)
-        if bad:
-            problems.append(f"deltas[{i}] has unknown keys {bad}; valid: {sorted(_DELTA_KEYS)}")
-        revision = entry.get("revision")
-        deltas.append(entry["path"] + (f"@{revision}" if revision else ""))
-        weights.append(entry.get("weight", 1.0))
-    options = data.get("options") or {}
-    if not isinstance(options, dict):
-        problems.append("'options' must be a mapping like {density: 0.5}")
-    if problems:
-        raise ValueError(f"invalid merge config {path}:\n" + "\n".join(f"  - {p}" for p in problems))
-    config: dict[str, Any] = {
-        "base": data["base"],
-        "deltas": deltas,
-        "weights": weights,
-        "method_options": options,
-    }
-    for key in ("method", "dtype", "max_shard_size", "out"):
-        if data.get(key) is not None:
-            config[key] = str(data[key])
-    return config
+from ..merging.config import EXAMPLE
+from ._options import DTYPES, method_options, pop_method_options, quiet_option
 
 
 @click.command()
@@ -103,13 +26,9 @@ def read_config(path: Path) -> dict[str, Any]:
     multiple=True,
     help="Weight per delta, in order (default 1.0; -1 subtracts).",
 )
+@method_options
 @click.option(
-    "--method", type=click.Choice(available_methods()), help="How to combine the deltas.  [default: sum]"
-)
-@click.option("--density", type=float, help=_option_help("density"))
-@click.option("--seed", type=int, help=_option_help("seed"))
-@click.option(
-    "--dtype", type=click.Choice(_DTYPES), help="Output dtype of floating tensors (default: the base's)."
+    "--dtype", type=click.Choice(DTYPES), help="Output dtype of floating tensors (default: the base's)."
 )
 @click.option(
     "--max-shard-size", help="Largest output file, transformers' syntax: 5GB, 500MB, 2GiB.  [default: 5GB]"
@@ -126,20 +45,17 @@ def read_config(path: Path) -> dict[str, Any]:
 @click.option(
     "--config",
     "config_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A merge.yaml with base, deltas (path, weight, revision), method, options, dtype, out.",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A merge.yaml with base, deltas (path, weight, revision), method, options, dtype, out; flags given "
+    "as well override it. Every merged folder carries the merge.yaml that reproduces it.",
 )
-@_QUIET
-@click.pass_context
+@quiet_option
 def merge(
-    ctx: click.Context,
     base: str | None,
     deltas: tuple[str, ...],
     out: Path | None,
     weights: tuple[float, ...],
     method: str | None,
-    density: float | None,
-    seed: int | None,
     dtype: str | None,
     max_shard_size: str | None,
     dry_run: bool,
@@ -147,6 +63,7 @@ def merge(
     overwrite: bool,
     config_path: Path | None,
     quiet: bool,
+    **options: float | int | None,
 ) -> None:
     """Merge sparse deltas into BASE and write a standard transformers model folder.
 
@@ -162,49 +79,39 @@ def merge(
           --method ties --density 0.3 --dtype bfloat16 --out ./llama-mix
       deltahub merge ./llama ./style-delta -w -1 --out ./llama-unstyled      # subtract a delta
       deltahub merge ./llama ./a ./b --dry-run --out ./x                     # plan, overlap, size
-      deltahub merge --config merge.yaml --out ./merged
-
-    \b
-    merge.yaml:
-      base: meta-llama/Llama-3.2-1B@main
-      deltas:
-        - {path: org/math-delta, revision: v1, weight: 1.0}
-        - {path: ./code-delta, weight: 0.5}
-      method: ties
-      options: {density: 0.3}
-      dtype: bfloat16
+      deltahub merge --config ./llama-mix/merge.yaml --out ./llama-mix-again
     """
     from ..merging import merge as run_merge
+    from ..merging.config import DeltaEntry, MergeConfig
 
-    kwargs: dict[str, Any] = {"method_options": {}}
+    flags = pop_method_options(options)
     if config_path is not None:
         if base is not None or deltas:
             raise click.UsageError("give BASE and DELTA on the command line or in --config, not both")
-        kwargs.update(read_config(config_path))
+        config = MergeConfig.from_yaml(config_path)
     else:
         if base is None or not deltas:
             raise click.UsageError("give BASE and at least one DELTA (or --config merge.yaml)")
-        kwargs.update(base=base, deltas=list(deltas))
+        config = MergeConfig(base, tuple(DeltaEntry(d) for d in deltas))
     # Flags given on the command line override the config file.
     if weights:
-        kwargs["weights"] = list(weights)
-    for key, value in (
-        ("method", method),
-        ("dtype", dtype),
-        ("max_shard_size", max_shard_size),
-        ("out", out),
-    ):
-        if value is not None:
-            kwargs[key] = value
-    for key, value in (("density", density), ("seed", seed)):
-        if value is not None:
-            kwargs["method_options"][key] = value
-    if kwargs.get("out") is None:
+        if len(weights) != len(config.deltas):
+            raise click.UsageError(
+                f"got {len(weights)} --weight for {len(config.deltas)} deltas; give one per delta, in order"
+            )
+        config = config.replace(
+            deltas=tuple(DeltaEntry(d.path, w, d.revision) for d, w in zip(config.deltas, weights, strict=True))
+        )
+    changes = {"method": method, "dtype": dtype, "max_shard_size": max_shard_size}
+    config = config.replace(**{k: v for k, v in changes.items() if v is not None})
+    if out is not None:
+        config = config.replace(out=str(out))
+    if flags:
+        config = config.replace(options={**config.options, **flags})
+    if config.out is None:
         raise click.UsageError("--out is required (or 'out:' in --config)")
-    result = run_merge(
-        kwargs.pop("base"), kwargs.pop("deltas"), force=force, overwrite=overwrite, dry_run=dry_run,
-        progress=not quiet, **kwargs,
-    )  # fmt: skip
+    result = run_merge(**config.merge_kwargs(), force=force, overwrite=overwrite, dry_run=dry_run,
+                       progress=not quiet)  # fmt: skip
     if dry_run:
         click.echo(str(result.plan))
         click.echo("dry run: nothing written")
@@ -217,240 +124,4 @@ def merge(
         )
 
 
-# --------------------------------------------------------------------------------------------------------------
-# inspect
-
-
-def _value_stats(values: Any) -> dict[str, float | None]:
-    import torch
-
-    if values.numel() == 0:
-        return dict.fromkeys(("min", "max", "mean", "std", "mean_abs"))
-    v = values.to(torch.float32)
-    return {
-        "min": float(v.min()),
-        "max": float(v.max()),
-        "mean": float(v.mean()),
-        "std": float(v.std(unbiased=False)),
-        "mean_abs": float(v.abs().mean()),
-    }
-
-
-def delta_summary(delta: Any, source: str) -> dict[str, Any]:
-    """Per-parameter nnz, density and value statistics of one delta, with its base and provenance (JSON-able)."""
-    from .._dtypes import dtype_name
-
-    vd = delta.values_dtype
-    return {
-        "source": source,
-        "base_model": delta.base_model,
-        "base_revision": delta.base_revision,
-        "origin": dict(delta.origin),
-        "provenance": delta.provenance,
-        "params_count": len(delta),
-        "nnz": delta.nnz,
-        "numel": delta.numel,
-        "density": delta.density,
-        "values_dtype": dtype_name(vd) if vd else "mixed",
-        "params": {
-            name: {
-                "shape": list(p.shape),
-                "dtype": dtype_name(p.dtype),
-                "nnz": p.nnz,
-                "numel": p.numel,
-                "density": p.density,
-                **_value_stats(p.values),
-            }
-            for name, p in delta.items()
-        },
-    }
-
-
-_LAYER = re.compile(r"^(?:.*?\.)?(?:layers|h|blocks|layer)\.(\d+)\.(.+?)(?:\.weight|\.bias)?$")
-
-
-def _layer_and_module(name: str) -> tuple[int, str] | None:
-    match = _LAYER.match(name)
-    return (int(match.group(1)), match.group(2)) if match else None
-
-
-def _grid(values: dict[str, float]) -> tuple[list[str], int, list[list[float]]]:
-    cells: dict[tuple[str, int], float] = {}
-    for name, value in values.items():
-        where = _layer_and_module(name)
-        if where:
-            cells[(where[1], where[0])] = value
-    modules = sorted({m for m, _ in cells})
-    layers = 1 + max((layer for _, layer in cells), default=-1)
-    return modules, layers, [[cells.get((m, i), math.nan) for i in range(layers)] for m in modules]
-
-
-def plot_summary(summaries: Sequence[dict[str, Any]], overlap: dict[str, Any] | None, path: Path) -> None:
-    """Heatmaps of density per layer and module type, one per delta, plus the overlap fraction for 2+ deltas."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise click.ClickException(
-            "--plot needs matplotlib: pip install 'deltahub[plot]' (or pip install matplotlib)"
-        ) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [
-        (f"density: {s['source']}", {n: p["density"] for n, p in s["params"].items()}) for s in summaries
-    ]
-    if overlap:
-        panels.append(
-            (
-                "overlap (positions in 2+ deltas / numel)",
-                {n: p["overlap"] / p["numel"] for n, p in overlap["params"].items()},
-            )
-        )
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.5 + 2.2 * len(panels)), squeeze=False)
-    for ax, (title, values) in zip(axes[:, 0], panels, strict=True):
-        modules, _, grid = _grid(values)
-        if not modules:
-            ax.text(0.5, 0.5, "no per-layer parameters", ha="center", va="center")
-            ax.set_axis_off()
-            continue
-        image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set_yticks(range(len(modules)), modules, fontsize=7)
-        ax.set_xlabel("layer")
-        ax.set_title(title, fontsize=9)
-        fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _print_summary(s: dict[str, Any]) -> None:
-    click.echo(
-        f"{s['source']}: {s['params_count']} parameters, nnz {s['nnz']:,} of {s['numel']:,} "
-        f"(density {s['density']:.4g}), values {s['values_dtype']}, base {s['base_model'] or '?'}"
-        + (f" @ {s['base_revision']}" if s["base_revision"] else "")
-    )
-    if s["provenance"]:
-        click.echo(f"  provenance: {json.dumps(s['provenance'], default=str)}")
-    rows = [("parameter", "shape", "nnz", "density", "min", "max", "mean|v|")]
-    for name, p in s["params"].items():
-        fmt = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
-        rows.append((name, "x".join(map(str, p["shape"])), f"{p['nnz']:,}", f"{p['density']:.4g}",
-                     fmt(p["min"]), fmt(p["max"]), fmt(p["mean_abs"])))  # fmt: skip
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    for row in rows:
-        click.echo(
-            "  "
-            + "  ".join(
-                [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
-            )
-        )
-
-
-@click.command()
-@click.argument("deltas", nargs=-1, required=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
-@click.option(
-    "--plot",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write density (and overlap) heatmaps per layer and module type as a PNG (needs matplotlib: pip install 'deltahub[plot]').",
-)
-def inspect(deltas: tuple[str, ...], as_json: bool, plot: Path | None) -> None:
-    """Describe sparse deltas: per parameter nnz, density and value statistics, base and provenance; with two or
-    more, where they overlap and disagree in sign.
-
-    Each DELTA is a delta folder, file or Hub id (org/name@revision).
-
-    \b
-    Examples:
-      deltahub inspect ./math-delta
-      deltahub inspect ./math-delta org/code-delta@v2 --json > report.json
-      deltahub inspect ./a ./b --plot overlap.png
-    """
-    from ..overlap import overlap_report
-    from ..sources import resolve_deltas
-
-    loaded, _ = resolve_deltas(list(deltas), None)
-    summaries = [delta_summary(d, src) for d, src in zip(loaded, deltas, strict=True)]
-    report = overlap_report(loaded) if len(loaded) > 1 else None
-    if plot is not None:
-        plot_summary(summaries, report.to_dict() if report else None, plot)
-    if as_json:
-        click.echo(
-            json.dumps({"deltas": summaries, "overlap": report.to_dict() if report else None}, indent=2)
-        )
-        return
-    for s in summaries:
-        _print_summary(s)
-    if report is not None:
-        click.echo(str(report))
-    if plot is not None:
-        click.echo(f"plot written to {plot}")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# extract
-
-
-@click.command()
-@click.argument("base")
-@click.argument("finetuned")
-@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Delta folder to write.")
-@click.option(
-    "--density", type=click.FloatRange(0, 1, min_open=True), help="Fraction of entries to keep, e.g. 0.01."
-)
-@click.option("--num", type=click.IntRange(1), help="Number of entries to keep (instead of --density).")
-@click.option("--scope", type=click.Choice(["parameter", "global"]), default="parameter", show_default=True,
-              help="parameter: each parameter keeps its share; global: the top entries over all parameters.")  # fmt: skip
-@click.option("--values-dtype", type=click.Choice(_DTYPES), default="float32", show_default=True,
-              help="Dtype of the stored values (bfloat16 halves their size).")  # fmt: skip
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest delta file.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-@_QUIET
-def extract(
-    base: str,
-    finetuned: str,
-    out: Path,
-    density: float | None,
-    num: int | None,
-    scope: str,
-    values_dtype: str,
-    max_shard_size: str,
-    overwrite: bool,
-    quiet: bool,
-) -> None:
-    """Extract a sparse delta from a full fine-tune: the top entries of |FINETUNED - BASE|.
-
-    BASE and FINETUNED are model folders or Hub ids (org/name@revision); both are streamed one tensor at a time.
-
-    \b
-    Examples:
-      deltahub extract ./llama ./llama-sft --density 0.01 --out ./sft-delta
-      deltahub extract meta-llama/Llama-3.2-1B org/llama-sft@main --num 5000000 --scope global \\
-          --values-dtype bfloat16 --out ./sft-delta
-    """
-    from ..extract import extract_delta
-    from ..format import save_delta
-    from ..merging import resolve_model
-
-    if (density is None) == (num is None):
-        raise click.UsageError("give exactly one of --density or --num")
-    base_folder, base_id, base_rev = resolve_model(base)
-    ft_folder, ft_id, _ = resolve_model(finetuned)
-    delta = extract_delta(
-        base_folder,
-        ft_folder,
-        density=density,
-        num=num,
-        scope=scope,
-        values_dtype=values_dtype,
-        progress=not quiet,
-    )
-    if base_folder != Path(base):  # a Hub base: record its id and commit, not the cache folder
-        delta = delta.replace(base_model=base_id, base_revision=base_rev)
-    save_delta(delta, out, max_shard_size=max_shard_size, overwrite=overwrite)
-    if not quiet:
-        size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
-        click.echo(
-            f"extracted {len(delta)} parameters, nnz {delta.nnz:,} (density {delta.density:.4g}) from {ft_id}: "
-            f"{out} ({size / 1e6:.1f} MB)"
-        )
+merge.help = inspect.cleandoc(merge.help or "") + "\n\n\b\nmerge.yaml:\n" + "".join(f"  {line}\n" for line in EXAMPLE.splitlines())

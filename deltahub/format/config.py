@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from .._dtypes import BASE_DTYPES, VALUE_DTYPES, dtype_name
+from .._version import __version__
 from ..delta import ParamDelta, SparseDelta
+from ..errors import InvalidArgumentError
 from ..fingerprint import SAMPLES
 from .spec import (
     FINGERPRINT_METHOD,
@@ -51,7 +53,6 @@ def _values_dtype_name(params: list[ParamDelta]) -> str | None:
 
 def build_config(delta: SparseDelta, names: list[str] | None = None) -> dict[str, Any]:
     """The ``delta_config.json`` content for ``delta``, or for the subset ``names`` (a shard's own config)."""
-    from .. import __version__  # lazy: deltahub/__init__ may import this package
 
     names = list(delta) if names is None else names
     params = [delta[n] for n in names]
@@ -91,7 +92,7 @@ def dumps(obj: Any, **kwargs: Any) -> str:
         # allow_nan=False: NaN is not JSON, and our own reader rejects it.
         return json.dumps(obj, allow_nan=False, ensure_ascii=False, **kwargs)
     except (TypeError, ValueError) as e:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"delta metadata cannot be written as JSON ({e}); provenance must hold only JSON values "
             "(str, int, finite float, bool, None, lists and dicts with string keys)"
         ) from e

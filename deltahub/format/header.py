@@ -1,17 +1,19 @@
-"""Pre-validation of a raw safetensors header, before the file is handed to safetensors.
+"""The one safetensors header parser: validation of a raw header before the file is handed to safetensors.
 
 A safetensors file is ``N`` (8 bytes, little-endian), an ``N``-byte JSON header, then the data region. The
 header describes each tensor's dtype, shape and ``[begin, end)`` byte range inside the data region. We check
 all of it against the real file size first, so a header that lies about sizes can never make us (or
 safetensors) allocate or map memory in proportion to its claims, and every problem is reported in words
-instead of a library exception.
+instead of a library exception. The delta reader allows the format's dtypes only; the streaming merge reads a
+base checkpoint's headers with every safetensors dtype (``dtypes=SAFETENSORS_DTYPES``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ class Header:
 
     tensors: dict[str, TensorEntry]
     metadata: dict[str, str]
+    data_start: int = 0  # absolute file offset of the data region (8 + header length)
 
 
 def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -62,12 +65,16 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def read_header(path: Path, label: str) -> tuple[Header | None, list[str]]:
+def read_header(
+    path: Path, label: str, *, dtypes: Mapping[str, Any] = ST_DTYPES
+) -> tuple[Header | None, list[str]]:
     """Read and validate the header of the safetensors file at ``path``.
 
     Args:
         path: the file.
         label: how problems name the file (usually its name inside the delta folder).
+        dtypes: the safetensors dtype codes allowed (default: a delta's), each mapped to a torch dtype or to a
+            ``(torch dtype, item size)`` pair.
 
     Returns:
         ``(header, [])`` when valid, else ``(None, problems)``.
@@ -102,10 +109,17 @@ def read_header(path: Path, label: str) -> tuple[Header | None, list[str]]:
     except (ValueError, RecursionError) as e:
         return None, [f"{label}: header is not valid UTF-8 JSON ({str(e)[:200]}); {_REPAIR}"]
     # Starting with '{' and parsing means obj is a dict.
-    return _check_entries(obj, size - 8 - n, label)
+    header, problems = _check_entries(obj, size - 8 - n, label, dtypes)
+    return (replace(header, data_start=8 + n) if header else None), problems
 
 
-def _check_entries(obj: dict[str, Any], data_len: int, label: str) -> tuple[Header | None, list[str]]:
+def _itemsize(entry: Any) -> int:
+    return entry[1] if isinstance(entry, tuple) else entry.itemsize
+
+
+def _check_entries(
+    obj: dict[str, Any], data_len: int, label: str, dtypes: Mapping[str, Any]
+) -> tuple[Header | None, list[str]]:
     problems: list[str] = []
     metadata = obj.get("__metadata__", {})
     if metadata is None:
@@ -123,10 +137,12 @@ def _check_entries(obj: dict[str, Any], data_len: int, label: str) -> tuple[Head
             continue
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         bad = []
-        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
-            bad.append(
-                f"dtype {str(dtype)[:20]!r} is not allowed in a delta (F32, BF16, F16 values; I32, I64 indices)"
+        if not isinstance(dtype, str) or dtype not in dtypes:
+            allowed = (
+                "F32, BF16, F16 values; I32, I64 indices" if dtypes is ST_DTYPES else ", ".join(dtypes)
             )
+            what = "in a delta" if dtypes is ST_DTYPES else "here"
+            bad.append(f"dtype {str(dtype)[:20]!r} is not allowed {what} ({allowed})")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             bad.append(f"shape must be a list of non-negative integers, got {str(shape)[:60]}")
         if not (
@@ -140,7 +156,7 @@ def _check_entries(obj: dict[str, Any], data_len: int, label: str) -> tuple[Head
             problems.append(f"{where}: {'; '.join(bad)}; {_REPAIR}")
             continue
         begin, end = offsets
-        nbytes = math.prod(shape) * ST_DTYPES[dtype][1]
+        nbytes = math.prod(shape) * _itemsize(dtypes[dtype])
         if end - begin != nbytes:
             problems.append(
                 f"{where}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets span {end - begin}; "

@@ -10,6 +10,9 @@ from decimal import Decimal
 
 import torch
 
+from .._dtypes import SAFETENSORS_DTYPES
+from ..errors import InvalidArgumentError
+
 FORMAT_NAME = "deltahub.sparse_delta"
 FORMAT_VERSION = "1.0"
 # Readers accept any minor version of this major; a newer major may change the layout and is refused.
@@ -37,13 +40,11 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 # cannot make us allocate more than this (and never more than the file holds).
 MAX_HEADER_SIZE = 100_000_000
 
-# The safetensors dtype codes the format can contain, with their torch dtype and item size.
+# The safetensors dtype codes the format can contain (values F32/BF16/F16, indices I32/I64), with their torch
+# dtype and item size: a subset of the one table in _dtypes.
 ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F32": (torch.float32, 4),
-    "BF16": (torch.bfloat16, 2),
-    "F16": (torch.float16, 2),
-    "I32": (torch.int32, 4),
-    "I64": (torch.int64, 8),
+    code: (SAFETENSORS_DTYPES[code], SAFETENSORS_DTYPES[code].itemsize)
+    for code in ("F32", "BF16", "F16", "I32", "I64")
 }
 
 # Non-finite fingerprint samples are written as these strings because JSON has no NaN or infinity.
@@ -72,7 +73,7 @@ def parse_size(size: int | str) -> int:
         ValueError: for anything else, or a size that is not positive.
     """
     if isinstance(size, bool) or not isinstance(size, (int, str)):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"max_shard_size must be an int (bytes) or a string like '500MB' or '2GiB'; got {size!r}"
         )
     if isinstance(size, int):
@@ -81,14 +82,14 @@ def parse_size(size: int | str) -> int:
         match = _SIZE.match(size)
         unit = match.group(2).upper() if match else None
         if match is None or unit not in _UNITS:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"max_shard_size {size!r} is not a size; use bytes or a number with one of "
                 f"KB, MB, GB, TB, KiB, MiB, GiB, TiB (e.g. '500MB', '2GiB')"
             )
         # Decimal, not float: '1.5GB' must not pick up a binary rounding error.
         value = int(Decimal(match.group(1)) * _UNITS[unit])
     if value <= 0:
-        raise ValueError(f"max_shard_size must be positive; got {size!r}")
+        raise InvalidArgumentError(f"max_shard_size must be positive; got {size!r}")
     return value
 
 

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .._atomic import atomic_folder, check_output
 from .._dtypes import index_dtype_for
 from ..card import model_card
 from ..delta import ParamDelta, SparseDelta
-from ..errors import DeltaExistsError
+from ..errors import ArgumentTypeError
 from .config import build_config, config_text, dumps, stored_densely
 from .spec import (
     CARD_FILE,
@@ -106,53 +105,6 @@ def _write_files(delta: SparseDelta, folder: Path, config: str, max_bytes: int) 
     (folder / CARD_FILE).write_text(model_card(delta), encoding="utf-8")
 
 
-def is_occupied(target: Path) -> bool:
-    if target.is_symlink() or target.is_file():
-        return True
-    return target.is_dir() and any(target.iterdir())
-
-
-def fresh_sibling(target: Path, tag: str) -> Path:
-    # os.mkdir rather than tempfile.mkdtemp: mkdtemp's 0o700 mode would survive the rename and hide the delta
-    # from other users; mkdir honours the umask like any folder the user creates.
-    while True:
-        candidate = target.parent / f".{target.name}.{tag}-{secrets.token_hex(4)}"
-        try:
-            os.mkdir(candidate)
-            return candidate
-        except FileExistsError:
-            continue
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def install_folder(tmp: Path, target: Path, overwrite: bool) -> None:
-    if not (target.exists() or target.is_symlink()):
-        os.replace(tmp, target)
-        return
-    if not is_occupied(target):
-        target.rmdir()
-        os.replace(tmp, target)
-        return
-    if not overwrite:
-        raise DeltaExistsError(f"{target} already exists and is not empty; pass overwrite=True to replace it")
-    # Move the old delta aside first so that at every instant the target is either the old or the new delta.
-    old = fresh_sibling(target, "old")
-    os.rmdir(old)
-    os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    _remove(old)
-
-
 def save_delta(
     delta: SparseDelta,
     path: str | os.PathLike[str],
@@ -183,20 +135,10 @@ def save_delta(
         PosixPath('out/my-delta')
     """
     if not isinstance(delta, SparseDelta):
-        raise TypeError(f"save_delta expects a SparseDelta; got {type(delta).__name__}")
+        raise ArgumentTypeError(f"save_delta expects a SparseDelta; got {type(delta).__name__}")
     max_bytes = parse_size(max_shard_size)
-    target = Path(path)
-    if not target.name or target.name in (".", ".."):
-        raise ValueError(f"save_delta needs a folder path with a name; got {os.fspath(path)!r}")
-    if is_occupied(target) and not overwrite:
-        raise DeltaExistsError(f"{target} already exists and is not empty; pass overwrite=True to replace it")
+    target = check_output(path, overwrite=overwrite, keyword="path")
     text = config_text(build_config(delta))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = fresh_sibling(target, "tmp")
-    try:
+    with atomic_folder(target, overwrite=overwrite) as tmp:
         _write_files(delta, tmp, text, max_bytes)
-        install_folder(tmp, target, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

@@ -38,22 +38,24 @@ from typing import Any
 
 import torch
 
-from .._dtypes import VALUE_DTYPES, parse_dtype
+from .._atomic import check_output, install_folder
+from .._dtypes import VALUE_DTYPES, dtype_name, parse_dtype
+from .._tensors import check_tied
 from ..apply import check_base
 from ..checkpoint import INDEX_NAME
 from ..delta import SparseDelta, common_base
-from ..errors import BaseMismatchError, DeltaExistsError, OutOfSpaceError
+from ..errors import InvalidArgumentError, OutOfSpaceError
 from ..format.spec import parse_size
-from ..format.writer import install_folder, is_occupied
 from ..methods import resolve_options
 from ..overlap import overlap_report
 from ..sources import DeltaSource, describe, resolve_deltas
 from .base import MARKER, BaseFiles, resolve_model
 from .card import model_card
+from .config import CONFIG_NAME, DeltaEntry, MergeConfig
 from .plan import DeltaInfo, MergePlan, MergeResult, shard_layout
 from .write import combined, copy_extras, index, make_tmp, remove_stale, space_error, write_shards
 
-__all__ = ["MergePlan", "MergeResult", "OutOfSpaceError", "merge", "model_card", "resolve_model"]
+__all__ = ["DeltaEntry", "MergeConfig", "MergePlan", "MergeResult", "OutOfSpaceError", "merge", "model_card", "resolve_model"]
 
 # --------------------------------------------------------------------------------------------------------------
 # The function
@@ -108,14 +110,10 @@ def merge(
     options = resolve_options(method, method_options or {})
     out_dtype = parse_dtype(dtype, allowed=VALUE_DTYPES, what="dtype") if dtype is not None else None
     max_bytes = parse_size(max_shard_size)
-    out = Path(out)
-    if not out.name or out.name in (".", ".."):
-        raise ValueError(f"--out needs a folder path with a name; got {os.fspath(out)!r}")
-    if is_occupied(out) and not overwrite:
-        raise DeltaExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    out = check_output(out, overwrite=overwrite, keyword="out")
     delta_list, weight_list = resolve_deltas(deltas, weights)
     if not delta_list:
-        raise ValueError("merge needs at least one delta")
+        raise InvalidArgumentError("merge needs at least one delta")
     common_base(delta_list)
     base_folder, base_id, base_revision = resolve_model(base)
     base_files = BaseFiles(base_folder)
@@ -144,6 +142,7 @@ def merge(
             shards=shards,
             out=out,
         )
+        plan.config = _config(plan, max_shard_size)
         if dry_run:
             if len(delta_list) > 1:
                 plan.overlap = overlap_report(delta_list, weight_list)
@@ -160,6 +159,7 @@ def merge(
                 (tmp / INDEX_NAME).write_text(json.dumps(index(plan), indent=2) + "\n", encoding="utf-8")
             copy_extras(base_folder, tmp, plan, base_files.config)
             (tmp / "README.md").write_text(model_card(plan), encoding="utf-8")
+            (tmp / CONFIG_NAME).write_text(plan.config.to_yaml(), encoding="utf-8")
             (tmp / MARKER).unlink()
             install_folder(tmp, out, overwrite)
         except OSError as err:
@@ -179,8 +179,8 @@ def _check_out(out: Path, base_folder: Path) -> None:
     """Refuse an ``out`` that is the base or holds it: replacing it would destroy the weights being read."""
     o, b = out.resolve(), base_folder.resolve()
     if o == b or o in b.parents:
-        raise ValueError(
-            f"--out {out} is (or contains) the base model folder {base_folder}; choose another folder"
+        raise InvalidArgumentError(
+            f"`out` {out} is (or contains) the base model folder {base_folder}; choose another folder"
         )
 
 
@@ -193,14 +193,19 @@ def _check_tied(
 ) -> None:
     """A tied tensor changed under two names must get the same change from both (as apply_deltas requires)."""
     for stored, names in users.items():
-        if len(names) > 1:
-            first = combined(names[0], deltas, weights, method, options)
-            for other in names[1:]:
-                if not first.equal(combined(other, deltas, weights, method, options)):
-                    raise BaseMismatchError(
-                        f"{names[0]} and {other} are one tied tensor ({stored}) in this model but the deltas change "
-                        "them differently; keep one of the two names in the delta"
-                    )
+        check_tied([names], lambda n: combined(n, deltas, weights, method, options), where=f" ({stored})")
+
+
+def _config(plan: MergePlan, max_shard_size: int | str) -> MergeConfig:
+    """The merge.yaml of this merge, revisions pinned to what was resolved (the base's commit for a Hub base)."""
+    return MergeConfig(
+        base=plan.base + (f"@{plan.base_revision}" if plan.base_revision else ""),
+        deltas=tuple(DeltaEntry(d.source, d.weight, d.revision) for d in plan.deltas),
+        method=plan.method,
+        options=dict(plan.options),
+        dtype=dtype_name(plan.dtype) if plan.dtype is not None else None,
+        max_shard_size=max_shard_size,
+    )
 
 
 def _delta_info(delta: SparseDelta, position: int, weight: float) -> DeltaInfo:

@@ -3,11 +3,8 @@ and the few sampled elements the fingerprint check needs (never whole tensors)."
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,18 +12,20 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import INDEX_NAME, SAFETENSORS_DTYPES, Checkpoint
-from ..errors import CheckpointError
+from .._dtypes import SAFETENSORS_DTYPES
+from ..checkpoint import INDEX_NAME, Checkpoint
+from ..errors import CheckpointError, PathNotFoundError
 from ..fingerprint import sample_positions
+from ..format.header import read_header
+from ..hub_ids import is_ref, parse_ref
 
 SHARD_PATTERN = "model-{index:05d}-of-{total:05d}.safetensors"
 TMP_TAG = "merge"
 MARKER = ".deltahub-merge-in-progress"
-ST_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 # Files of the base never copied: its weights (in any format: a stale copy would contradict the merged ones),
 # its model card (we write our own) and hidden files.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-SKIP_FILES = frozenset({INDEX_NAME, "pytorch_model.bin.index.json", "README.md"})
+SKIP_FILES = frozenset({INDEX_NAME, "pytorch_model.bin.index.json", "README.md", "merge.yaml"})
 # What a Hub base needs: weights in transformers' naming, configs, tokenizer files, chat template, custom code.
 HUB_PATTERNS = [
     "model*.safetensors",
@@ -38,7 +37,6 @@ HUB_PATTERNS = [
     "*.py",
     "LICENSE*",
 ]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[^\s@]+)?$")
 COPY_CHUNK = 16 << 20
 LOOKAHEAD = 4  # touched tensors combined ahead of the writer
 
@@ -58,12 +56,12 @@ def resolve_model(ref: str | os.PathLike) -> tuple[Path, str, str | None]:
     if path.exists():
         return path, str(ref), None
     text = os.fspath(ref)
-    if not _HUB_ID.match(text):
-        raise FileNotFoundError(
+    if not is_ref(text):
+        raise PathNotFoundError(
             f"no model at {text!r}: expected a local folder written by save_pretrained, or a Hub id like "
             "'org/name' or 'org/name@revision'"
         )
-    repo_id, _, revision = text.partition("@")
+    repo_id, revision = parse_ref(text)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -91,15 +89,11 @@ class _Stored:
 
 
 def _read_offsets(path: Path) -> dict[str, tuple[int, int]]:
-    """``{name: (absolute start, byte length)}`` from a safetensors header (safe_open validated it already)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return {
-        k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
-        for k, v in header.items()
-    }
+    """``{name: (absolute start, byte length)}`` from a safetensors header, read by the format's one parser."""
+    header, problems = read_header(path, path.name, dtypes=SAFETENSORS_DTYPES)
+    if header is None:
+        raise CheckpointError(f"cannot read the base shard {path}:\n" + "\n".join(f"  - {p}" for p in problems))
+    return {k: (header.data_start + t.begin, t.end - t.begin) for k, t in header.tensors.items()}
 
 
 class BaseFiles:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from .. import __version__
 from .._dtypes import dtype_name
+from .._version import __version__
 from .plan import MergePlan
 
 
@@ -32,20 +32,7 @@ def model_card(plan: MergePlan) -> str:
         for i, d in enumerate(plan.deltas)
     ]
     opts = ", ".join(f"{k}={v}" for k, v in plan.options.items()) or "none"
-    config = [
-        f"base: {_yaml_str(plan.base + ('@' + plan.base_revision if plan.base_revision else ''))}",
-        "deltas:",
-    ]
-    for d in plan.deltas:
-        config += [f"  - path: {_yaml_str(d.source)}", f"    weight: {d.weight!r}"]
-        if d.revision:
-            config.append(f"    revision: {_yaml_str(d.revision)}")
-    config.append(f"method: {plan.method}")
-    if plan.options:
-        config.append("options:")
-        config += [f"  {k}: {v!r}" for k, v in plan.options.items()]
-    if plan.dtype is not None:
-        config.append(f"dtype: {dtype_name(plan.dtype)}")
+    config = plan.config.to_yaml().splitlines() if plan.config is not None else []
     body = [
         "",
         f"# {plan.out.name}",
@@ -67,12 +54,14 @@ def model_card(plan: MergePlan) -> str:
         "",
         "## Reproduce",
         "",
+        "This folder's `merge.yaml`:",
+        "",
         "```yaml",
         *config,
         "```",
         "",
         "```bash",
-        f"deltahub merge --config merge.yaml --out {plan.out.name}",
+        f"deltahub merge --config {plan.out.name}/merge.yaml --out {plan.out.name}-again",
         "```",
         "",
     ]

@@ -15,6 +15,7 @@ from .._dtypes import dtype_name
 from ..checkpoint import WEIGHTS_NAME
 from ..overlap import OverlapReport
 from .base import SHARD_PATTERN, BaseFiles
+from .config import MergeConfig
 
 # --------------------------------------------------------------------------------------------------------------
 # The plan
@@ -72,6 +73,7 @@ class MergePlan:
     shards: dict[str, int]
     out: Path
     overlap: OverlapReport | None = None
+    config: MergeConfig | None = None  # what reproduces this merge: the merged folder's merge.yaml
 
     @property
     def total_size(self) -> int:

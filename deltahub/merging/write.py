@@ -9,7 +9,6 @@ import math
 import mmap
 import os
 import re
-import secrets
 import shutil
 import socket
 import struct
@@ -21,8 +20,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
-from .._dtypes import dtype_name
+from .._atomic import fresh_sibling
+from .._dtypes import SAFETENSORS_CODES, dtype_name
+from .._version import __version__
 from ..apply import add_in_place
 from ..checkpoint import CONFIG_NAME
 from ..delta import ParamDelta, SparseDelta
@@ -33,7 +33,6 @@ from .base import (
     LOOKAHEAD,
     MARKER,
     SKIP_FILES,
-    ST_CODES,
     TMP_TAG,
     WEIGHT_SUFFIXES,
     BaseFiles,
@@ -49,7 +48,7 @@ def _shard_header(tensors: Sequence[TensorPlan]) -> bytes:
     offset = 0
     for t in tensors:
         header[t.name] = {
-            "dtype": ST_CODES[t.dtype],
+            "dtype": SAFETENSORS_CODES[t.dtype],
             "shape": list(t.shape),
             "data_offsets": [offset, offset + t.nbytes],
         }
@@ -105,10 +104,6 @@ def combined(
 ) -> ParamDelta:
     """The combination of one parameter, exactly as ``combine(deltas, weights, method)[name]`` computes it (the
     methods are per-parameter pure functions), without combining the other parameters at the same time."""
-    if len(deltas) == 1 and weights[0] == 1.0 and method == "sum":
-        return deltas[0][name].with_values_dtype(
-            torch.float32
-        )  # combine's own shortcut, kept for identical bits
     return combine_param(get_method(method), options, name, deltas, weights)
 
 
@@ -255,15 +250,11 @@ def glob_escape(text: str) -> str:
 
 
 def make_tmp(out: Path) -> Path:
-    while True:
-        tmp = out.parent / f".{out.name}.{TMP_TAG}-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            os.mkdir(tmp)  # mkdir, not mkdtemp: its 0o700 would survive the rename
-        except FileExistsError:
-            continue
-        marker = {"pid": os.getpid(), "host": socket.gethostname(), "deltahub": __version__}
-        (tmp / MARKER).write_text(json.dumps(marker), encoding="utf-8")
-        return tmp
+    """The merge's hidden sibling, with a marker naming its process so a later merge can remove it if killed."""
+    tmp = fresh_sibling(out, f"{TMP_TAG}-{os.getpid()}")
+    marker = {"pid": os.getpid(), "host": socket.gethostname(), "deltahub": __version__}
+    (tmp / MARKER).write_text(json.dumps(marker), encoding="utf-8")
+    return tmp
 
 
 def space_error(out: Path, needed: int, free: int | None, err: OSError | None = None) -> OutOfSpaceError:
@@ -271,6 +262,6 @@ def space_error(out: Path, needed: int, free: int | None, err: OSError | None = 
     return OutOfSpaceError(
         errno.ENOSPC,
         f"not enough disk space for the merged model in {out.parent} ({human(needed)} needed{have}): free "
-        "some space or choose --out on another disk; nothing was left behind"
+        "some space or choose `out` on another disk; nothing was left behind"
         + (f" ({err.strerror})" if err is not None and err.strerror else ""),
     )

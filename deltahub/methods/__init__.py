@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..delta import ParamDelta, SparseDelta, common_base
-from ..errors import MethodOptionError, UnknownMethodError
+from ..errors import ArgumentTypeError, InvalidArgumentError, MethodOptionError, UnknownMethodError
 from ..sources import check_weights
 from ..sparse_ops import Entries
 from .dare import dare
@@ -85,10 +85,10 @@ class MethodOption:
 
     def __post_init__(self) -> None:
         if self.kind not in (float, int):
-            raise ValueError(f"MethodOption kind must be float or int; got {self.kind!r}")
+            raise InvalidArgumentError(f"MethodOption kind must be float or int; got {self.kind!r}")
         problem = self.problem(self.default)
         if problem:
-            raise ValueError(f"MethodOption default {self.default!r} is invalid: it {problem}")
+            raise InvalidArgumentError(f"MethodOption default {self.default!r} is invalid: it {problem}")
 
     @property
     def range(self) -> str:
@@ -156,7 +156,7 @@ class MethodSpec:
         if not isinstance(self.description, str) or "\n" in self.description:
             problems.append("description must be one line of text")
         if problems:
-            raise ValueError("invalid MethodSpec: " + "; ".join(problems))
+            raise InvalidArgumentError("invalid MethodSpec: " + "; ".join(problems))
         # Frozen all the way down: a registered method's options cannot be edited behind the registry's back.
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
@@ -206,9 +206,9 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     Raises ValueError when the name is taken (the spec itself checks its name is a lowercase identifier).
     """
     if not isinstance(spec, MethodSpec):
-        raise TypeError(f"register_method expects a MethodSpec; got {type(spec).__name__}")
+        raise ArgumentTypeError(f"register_method expects a MethodSpec; got {type(spec).__name__}")
     if spec.name in _REGISTRY:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"combination method {spec.name!r} is already registered ({_REGISTRY[spec.name].description}); "
             "choose another name"
         )
@@ -240,12 +240,12 @@ def resolve_options(method: str, options: Mapping[str, Any]) -> dict[str, float 
 def _resolve_weights(deltas: Sequence[SparseDelta], weights: Sequence[float] | None) -> list[float]:
     """Check the inputs of a multi-delta operation; weights default to 1 each. Raises ValueError/TypeError."""
     if isinstance(deltas, SparseDelta) or not isinstance(deltas, Sequence):
-        raise TypeError(f"expected a list of SparseDelta; got {type(deltas).__name__}")
+        raise ArgumentTypeError(f"expected a list of SparseDelta; got {type(deltas).__name__}")
     bad = [f"{i} ({type(d).__name__})" for i, d in enumerate(deltas) if not isinstance(d, SparseDelta)]
     if bad:
-        raise TypeError(f"expected a list of SparseDelta; items {', '.join(bad)} are not")
+        raise ArgumentTypeError(f"expected a list of SparseDelta; items {', '.join(bad)} are not")
     if not deltas:
-        raise ValueError("need at least one delta")
+        raise InvalidArgumentError("need at least one delta")
     return check_weights(len(deltas), weights)
 
 
@@ -256,6 +256,13 @@ def combine_param(
     deltas: Sequence[SparseDelta],
     weights: Sequence[float],
 ) -> ParamDelta:
+    """One parameter of :func:`combine`: the method over the deltas that touch ``name``, float32 values.
+
+    A lone delta at weight 1 under ``sum`` is itself (values cast to float32): the shortcut lives here, once, so
+    ``combine`` (and so ``load_model``) and the streaming merge cannot disagree about it.
+    """
+    if len(deltas) == 1 and weights[0] == 1.0 and spec.name == "sum":
+        return deltas[0][name].with_values_dtype(torch.float32)
     touching = [(d[name], w) for d, w in zip(deltas, weights, strict=True) if name in d]
     first = touching[0][0]
     idx, vals = spec.function(
@@ -273,7 +280,7 @@ def combine_param(
     try:
         return ParamDelta(idx, vals, first.shape, first.dtype)
     except ValueError as e:
-        raise ValueError(f"combination method {spec.name!r} gave an invalid result for {name}: {e}") from e
+        raise InvalidArgumentError(f"combination method {spec.name!r} gave an invalid result for {name}: {e}") from e
 
 
 def combine(
@@ -308,12 +315,7 @@ def combine(
     names: dict[str, None] = {}  # an ordered set: parameters in first-seen order
     for d in deltas:
         names.update(dict.fromkeys(d))
-    params: dict[str, ParamDelta] = {}
-    if len(deltas) == 1 and weights[0] == 1.0 and spec.name == "sum":
-        params = {name: p.with_values_dtype(torch.float32) for name, p in deltas[0].items()}
-    else:
-        for name in names:
-            params[name] = combine_param(spec, resolved, name, deltas, weights)
+    params = {name: combine_param(spec, resolved, name, deltas, weights) for name in names}
     provenance = {
         "operation": "combine",
         "method": spec.name,

@@ -42,7 +42,6 @@ DEFAULT_GITATTRIBUTES = """\
 *.zip filter=lfs diff=lfs merge=lfs -text
 *tfevents* filter=lfs diff=lfs merge=lfs -text
 """
-REPO_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,95}")
 SHA40 = re.compile(r"[0-9a-f]{40}")
 
 

