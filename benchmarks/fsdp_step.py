@@ -6,13 +6,16 @@
   gather-add    the alternative: the shards hold the pure base and every layer adds the values to the gathered
                 weight after each all-gather, in forward and again in backward (FSDP re-gathers there)
 
-A Llama of hidden 256, 4 layers, intermediate 688, vocab 2048 (4.2M parameters, fp32), 1% density RigL,
+A Llama of hidden 256, 4 layers, intermediate 688, vocab 2048 (4.2M parameters, fp32), 1% density RigL
+(``--density``),
 batch 4 x 128 tokens per rank, 2 micro-batches per step, the default reselection schedule (R=20, A=5, so
 some steps fall in RigL windows). Each configuration runs in a fresh ``torchrun`` launch (clean peak RSS);
-step time is the median over the measured steps of rank 0. The run also checks that the two FSDP designs end
-with the same delta (they compute the same thing).
+step time is the median over the measured steps of rank 0. Every write of ``base + values`` into a weight is
+counted and timed: that is where the designs differ, and on a shared machine the step times are too noisy to
+resolve it. The run also checks that the two FSDP designs end with the same delta (they compute the same
+thing).
 
-    python benchmarks/fsdp_step.py [--steps 30] [--repeats 2]
+    python benchmarks/fsdp_step.py [--steps 30] [--repeats 2] [--density 0.01]
 """
 
 from __future__ import annotations
@@ -50,29 +53,50 @@ def build_model():
     return LlamaForCausalLM(config)
 
 
-def install_gather_add(model) -> dict[str, int]:
-    """Switch a sharded model to the alternative design; returns counters of the O(k) writes it makes."""
+class WriteTimer:
+    """Counts and times every write of ``base + values`` into a weight (a shard or a gathered copy): the cost
+    that differs between the designs, measured directly (step times on a shared machine are too noisy to
+    resolve it)."""
+
+    def __init__(self):
+        self.count, self.seconds = 0, 0.0
+
+    def timed(self, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.count += 1
+
+        return wrapper
+
+
+def install_gather_add(model, timer: WriteTimer) -> None:
+    """Switch a sharded model to the alternative design (b)."""
     import torch
 
     import training.fsdp as fsdp
     import training.layer as layer_module
 
-    counts = {"writes": 0}
     shard_write = fsdp.write
 
     def write(weight, positions, values):
         if not fsdp.is_sharded(weight):
-            shard_write(weight, positions, values)  # the shards keep the pure base
+            shard_write(weight, positions, values)  # reselection's writes; the shards keep the pure base
 
     fsdp.write = write
 
-    def sync(self):
-        if fsdp.is_sharded(self.weight):
-            return  # between all-gathers: nothing to do, the base is what is stored
+    @timer.timed
+    def add_values(self):
         with torch.no_grad():
             effective = self.sft_base.float() + self.sft_values.detach().float()
             self.weight.view(-1).index_copy_(0, self.sft_indices, effective.to(self.weight.dtype))
-        counts["writes"] += 1
+
+    def sync(self):
+        if not fsdp.is_sharded(self.weight):  # between all-gathers there is nothing to do
+            add_values(self)
 
     for layer in model.sft_layers.values():
         layer.sft_sync = types.MethodType(sync, layer)
@@ -84,7 +108,6 @@ def install_gather_add(model) -> dict[str, int]:
         return backward(ctx, grad_out)
 
     layer_module._SparseDeltaLinear.backward = staticmethod(backward_after_add)
-    return counts
 
 
 def peak_rss_mb() -> float:
@@ -95,7 +118,7 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def worker(mode: str, steps: int, out: Path) -> None:
+def worker(mode: str, steps: int, density: float, out: Path) -> None:
     import torch
     import torch.distributed as dist
 
@@ -106,21 +129,29 @@ def worker(mode: str, steps: int, out: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.set_num_threads(1)
-    model = get_sft_model(build_model(), SftConfig(density=0.01))
+    import training.fsdp as fsdp
+
+    model = get_sft_model(build_model(), SftConfig(density=density))
     forward = model
-    counts = None
+    timer = WriteTimer()
     if mode == "ddp":
         forward = torch.nn.parallel.DistributedDataParallel(model)
     else:
         shard_sft_model(model)
-        if mode == "gather-add":
-            counts = install_gather_add(model)
+    if mode == "gather-add":
+        install_gather_add(model, timer)
+    else:
+        fsdp.write = timer.timed(fsdp.write)  # the layers' value writes (sft_sync -> sft_write -> write)
     held = resident_bytes(model)
     optimizer = SftAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    selector = SftSelector(forward, optimizer, total_update_steps=WARMUP + steps, grad_accumulation_steps=MICRO)
+    selector = SftSelector(
+        forward, optimizer, total_update_steps=WARMUP + steps, grad_accumulation_steps=MICRO
+    )
     gen = torch.Generator().manual_seed(rank)
     times = []
     for step in range(WARMUP + steps):
+        if step == WARMUP:
+            timer.count, timer.seconds = 0, 0.0
         dist.barrier()
         t0 = time.perf_counter()
         for _ in range(MICRO):
@@ -140,7 +171,8 @@ def worker(mode: str, steps: int, out: Path) -> None:
             "peak_rss_mb": float(rss),
             "base_bytes": held["base"],
             "full_base_bytes": held["full_base"],
-            "writes": None if counts is None else counts["writes"],
+            "writes_per_step": timer.count / steps,
+            "write_ms_per_step": timer.seconds / steps * 1000,
             "steps": steps,
         }
         (out / f"{mode}.json").write_text(json.dumps(result))
@@ -148,45 +180,67 @@ def worker(mode: str, steps: int, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--density", type=float, default=0.01)
     parser.add_argument("--worker", choices=MODES)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.steps, args.out)
+        worker(args.worker, args.steps, args.density, args.out)
         return
     import torch
 
     import deltahub
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+    }
     results: dict[str, list[dict]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for _ in range(args.repeats):
             for mode in MODES:  # interleaved, so shared-machine noise hits every mode alike
-                command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc_per_node",
+                    "2",
+                ]
                 command += [__file__, "--worker", mode, "--steps", str(args.steps), "--out", str(out)]
+                command += ["--density", str(args.density)]
                 subprocess.run(command, check=True, env=env, capture_output=True)
                 results[mode].append(json.loads((out / f"{mode}.json").read_text()))
         a, b = deltahub.load_delta(out / "shard-write-delta"), deltahub.load_delta(out / "gather-add-delta")
         same_positions = all(torch.equal(a[n].indices, b[n].indices) for n in a)
         max_diff = max(float((a[n].values - b[n].values).abs().max()) for n in a)
     floor = statistics.median(r["step_s"] for r in results["ddp"])
-    print(f"{'mode':12} {'step (median)':>14} {'vs ddp':>8} {'peak RSS/rank':>14} {'base bytes/rank':>16} {'O(k) writes':>12}")
+    print(
+        f"{'mode':12} {'step (median)':>14} {'vs ddp':>7} {'peak RSS/rank':>14} {'base bytes/rank':>17} "
+        f"{'value writes/step':>18} {'their time/step':>16}"
+    )
     for mode in MODES:
-        step = statistics.median(r["step_s"] for r in results[mode])
-        rss = statistics.median(r["peak_rss_mb"] for r in results[mode])
-        last = results[mode][-1]
+        runs = results[mode]
+        step = statistics.median(r["step_s"] for r in runs)
+        rss = statistics.median(r["peak_rss_mb"] for r in runs)
+        write_ms = statistics.median(r["write_ms_per_step"] for r in runs)
+        last = runs[-1]
         share = last["base_bytes"] / last["full_base_bytes"]
-        writes = "per step" if mode != "gather-add" else f"{last['writes'] / (WARMUP + last['steps']):.0f}/step"
         print(
-            f"{mode:12} {step * 1000:11.1f} ms {step / floor:7.2f}x {rss:11.0f} MB "
-            f"{last['base_bytes'] / 2**20:9.1f} MiB ({share:.0%}) {writes:>12}"
+            f"{mode:12} {step * 1000:11.1f} ms {step / floor:6.2f}x {rss:11.0f} MB "
+            f"{last['base_bytes'] / 2**20:8.1f} MiB ({share:.0%}) {last['writes_per_step']:18.0f} "
+            f"{write_ms:10.3f} ms ({write_ms / 1000 / step:.2%})"
         )
-    print(f"shard-write vs gather-add deltas: same positions {same_positions}, max |value difference| {max_diff:.2e}")
+    print(
+        f"shard-write vs gather-add deltas: same positions {same_positions}, max |value difference| {max_diff:.2e}"
+    )
 
 
 if __name__ == "__main__":

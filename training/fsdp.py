@@ -30,6 +30,7 @@ Example (run under ``torchrun --nproc_per_node 2 train.py``):
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -48,22 +49,34 @@ def is_sharded(weight: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(weight, DTensor)
 
 
+# Where each sharded weight's local rows start, by the sharded parameter's identity (the layout never changes
+# for one parameter object; FSDP makes a new one when it re-shards, e.g. after model.to()). The weak reference
+# tells a live entry from one whose id was reused.
+_STARTS: dict[int, tuple[weakref.ref, int]] = {}
+
+
 def local_range(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``(flat local tensor, flat position of its first element)`` of a row-sharded DTensor weight.
 
     A row shard of a row-major weight is one contiguous range of flat positions; any other sharding is refused.
     """
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    ref, start = _STARTS.get(id(weight), (None, None))
+    if ref is None or ref() is not weight:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    local = weight.to_local()
-    shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
-    if tuple(shape[1:]) != tuple(weight.shape[1:]) or any(offset[1:]):
-        raise SftStateError(
-            f"sparse fine-tuning needs weights sharded by rows (Shard(0)); got placements {weight.placements} "
-            f"for a weight of shape {tuple(weight.shape)}: drop the shard_placement_fn that shards other dims"
+        shape, offset = compute_local_shape_and_global_offset(
+            weight.shape, weight.device_mesh, weight.placements
         )
-    row = weight.numel() // weight.shape[0] if weight.shape[0] else 0
-    return local.view(-1), offset[0] * row
+        if tuple(shape[1:]) != tuple(weight.shape[1:]) or any(offset[1:]):
+            raise SftStateError(
+                f"sparse fine-tuning needs weights sharded by rows (Shard(0)); got placements {weight.placements} "
+                f"for a weight of shape {tuple(weight.shape)}: drop the shard_placement_fn that shards other dims"
+            )
+        row = weight.numel() // weight.shape[0] if weight.shape[0] else 0
+        start = offset[0] * row
+        key = id(weight)
+        _STARTS[key] = (weakref.ref(weight, lambda _: _STARTS.pop(key, None)), start)
+    return weight.to_local().view(-1), start
 
 
 def _shard_groups(weight: torch.Tensor) -> list:
