@@ -21,7 +21,9 @@ from training import SftAdamW, SftConfig, SftSelector, get_sft_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--density", type=float, default=0.01)
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -176,6 +176,7 @@ def worker(mode: str, steps: int, density: float, out: Path) -> None:
             "steps": steps,
         }
         (out / f"{mode}.json").write_text(json.dumps(result))
+    dist.barrier()  # leave together: a rank tearing gloo down while another still writes can hang the exit
     dist.destroy_process_group()
 
 
@@ -216,7 +217,7 @@ def main() -> None:
                 ]
                 command += [__file__, "--worker", mode, "--steps", str(args.steps), "--out", str(out)]
                 command += ["--density", str(args.density)]
-                subprocess.run(command, check=True, env=env, capture_output=True)
+                subprocess.run(command, check=True, env=env, capture_output=True, timeout=1800)
                 results[mode].append(json.loads((out / f"{mode}.json").read_text()))
         a, b = deltahub.load_delta(out / "shard-write-delta"), deltahub.load_delta(out / "gather-add-delta")
         same_positions = all(torch.equal(a[n].indices, b[n].indices) for n in a)

@@ -28,6 +28,7 @@ def main() -> None:
         resumed.train(resume_from_checkpoint=str(args.out / algorithm / "full" / "checkpoint-5"))
         for name, trainer in (("full", full), ("resumed", resumed)):
             deltahub.save_delta(trainer.model.to_delta(), args.out / algorithm / f"{name}-delta-rank{rank}")
+    dist.barrier()
     dist.destroy_process_group()
 
 

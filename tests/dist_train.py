@@ -2,7 +2,8 @@
 
 For each engine (DDP, FSDP2) and algorithm, every rank prepares the same tiny model, wraps it, trains on its own
 micro-batches (``batches(rank)``, which the test's single-process reference also uses), reselecting several
-times, and saves its exported delta and the bytes of parameters it holds.
+times, and saves its exported delta and the bytes of parameters it holds. Under FSDP2 each run also checkpoints
+at step 5 and a freshly sharded model resumes from there.
 """
 
 import argparse
@@ -21,7 +22,7 @@ import deltahub
 from training import SftAdamW, SftConfig, SftSelector, SftSM3, get_sft_model
 from training.fsdp import resident_bytes, shard_sft_model
 
-STEPS, MICRO = 12, 2
+STEPS, MICRO, RESUME_AT = 12, 2, 5
 ENGINES = ("ddp", "fsdp")
 ALGORITHMS = ("rigl", "sm3")
 
@@ -38,8 +39,10 @@ def batches(rank: int) -> list[list[torch.Tensor]]:
     return [[torch.randint(0, 64, (4, 16), generator=gen) for _ in range(MICRO)] for _ in range(STEPS)]
 
 
-def train(model, algorithm: str, steps: list[list[torch.Tensor]], wrapped=None) -> None:
-    """``STEPS`` update steps of ``MICRO`` micro-batches; ``wrapped`` (DDP) runs the forward if given."""
+def train(model, algorithm: str, steps: list[list[torch.Tensor]], wrapped=None, save_at=None, resume=None):
+    """``STEPS`` update steps of ``MICRO`` micro-batches; ``wrapped`` (DDP) runs the forward if given.
+    ``save_at=(step, folder)`` writes a checkpoint after that step (rank 0); ``resume=(step, folder)`` loads one
+    and runs the steps after it."""
     params = [p for p in model.parameters() if p.requires_grad]
     if algorithm == "sm3":
         optimizer = SftSM3(params, model.active_deltas(), lr=0.05)
@@ -47,12 +50,20 @@ def train(model, algorithm: str, steps: list[list[torch.Tensor]], wrapped=None) 
         optimizer = SftAdamW(params, lr=1e-2)
     forward = wrapped or model
     selector = SftSelector(forward, optimizer, total_update_steps=STEPS, grad_accumulation_steps=MICRO)
-    for micro_batches in steps:
+    first = 0
+    if resume is not None:
+        first = resume[0]
+        selector.load_checkpoint(resume[1])
+    for step, micro_batches in enumerate(steps[first:], first + 1):
         for batch in micro_batches:
             (forward(input_ids=batch, labels=batch).loss / MICRO).backward()
         optimizer.step()
         optimizer.zero_grad()
         selector.step()
+        if save_at is not None and step == save_at[0]:
+            if dist.get_rank() == 0:
+                selector.save_checkpoint(save_at[1])
+            dist.barrier()
 
 
 def main() -> None:
@@ -72,9 +83,16 @@ def main() -> None:
             else:
                 shard_sft_model(model)
             held[f"{engine}-{algorithm}"] = resident_bytes(model)
-            train(model, algorithm, batches(rank), wrapped)
+            # FSDP2 also checkpoints inside a selection window (step 5) and resumes a fresh sharded model there
+            checkpoint = (RESUME_AT, args.out / f"{algorithm}-checkpoint") if engine == "fsdp" else None
+            train(model, algorithm, batches(rank), wrapped, save_at=checkpoint)
             deltahub.save_delta(model.to_delta(), args.out / f"{engine}-{algorithm}-rank{rank}")
+            if checkpoint is not None:
+                resumed = shard_sft_model(get_sft_model(tiny_llama(), config(algorithm)))
+                train(resumed, algorithm, batches(rank), resume=checkpoint)
+                deltahub.save_delta(resumed.to_delta(), args.out / f"{engine}-{algorithm}-resumed-rank{rank}")
     (args.out / f"bytes-rank{rank}.json").write_text(json.dumps(held))
+    dist.barrier()
     dist.destroy_process_group()
 
 

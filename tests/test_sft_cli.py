@@ -1,7 +1,6 @@
 """`deltahub train` as a user runs it: a subprocess on a tiny saved model and a real text file."""
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
+from launch import TORCHRUN, two_processes
 from tiny import chat_tokenizer, save_char_tokenizer, tiny_llama, tokens
 
 import deltahub
@@ -206,7 +206,7 @@ def test_chat_data_errors_are_one_clear_line(tmp_path, base_folder, chat_base):
 
 
 LAUNCHERS = {
-    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "torchrun": TORCHRUN,
     # accelerate's multi-process launcher (torchrun underneath) also serves CPUs: gloo is chosen without CUDA
     "accelerate": [
         sys.executable,
@@ -252,13 +252,7 @@ def test_fsdp_under_a_launcher_matches_one_process(
     out = tmp_path / "d"
     command = [*LAUNCHERS[launcher], "-m", "deltahub.cli", "train", base_folder, text_file, "--out", out]
     command += [*MULTI_ARGS, "--batch-size", 4, "--fsdp"]  # 2 x 4 rows: the single process's batches of 8
-    proc = subprocess.run(
-        [str(a) for a in command],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = two_processes(command)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("trained rigl delta") == 1 and "on 2 processes" in proc.stdout  # rank 0 reports
     reference, (before, after) = one_process_delta

@@ -1,16 +1,14 @@
 """Real two-process runs (gloo on CPU, via torchrun) of DDP and of FSDP2: both ranks must end with identical
-positions and values, equal to a single-process run on the union of the ranks' batches, and FSDP2 must hold
-half the base on each rank."""
+positions and values, equal to a single-process run on the union of the ranks' batches; FSDP2 must hold half the
+base on each rank and resume bit-exactly from an adapter-only checkpoint."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import dist_train
 import pytest
 import torch
+from launch import TORCHRUN, two_processes
 from tiny import tiny_llama
 
 import deltahub
@@ -22,23 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(Path(dist_train.__file__)),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = two_processes([*TORCHRUN, Path(dist_train.__file__), "--out", out])
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
@@ -72,6 +54,22 @@ def test_ranks_agree_with_each_other_and_with_one_process(runs, single_process, 
         # the averaged gradients differ from the big batch's by float rounding only: same choices, close values
         assert torch.equal(a[name].indices, reference[name].indices), name
         torch.testing.assert_close(a[name].values, reference[name].values, rtol=1e-4, atol=1e-6)
+    # the positions moved: reselection ran (identically on both ranks) rather than keeping the random start
+    start = get_sft_model(tiny_llama(), dist_train.config(algorithm)).sft_layers
+    moved = sum(len(set(a[n].indices.tolist()) - set(start[n].sft_indices.tolist())) for n in a)
+    assert moved > 0.1 * a.nnz, (moved, a.nnz)
+
+
+@pytest.mark.parametrize("algorithm", dist_train.ALGORITHMS)
+def test_fsdp_resumes_from_an_adapter_only_checkpoint_bit_exactly(runs, algorithm):
+    files = {p.name for p in (runs / f"{algorithm}-checkpoint").iterdir()}
+    assert files == {"sft_state.safetensors"}
+    for rank in (0, 1):
+        uninterrupted = deltahub.load_delta(runs / f"fsdp-{algorithm}-rank{rank}")
+        resumed = deltahub.load_delta(runs / f"fsdp-{algorithm}-resumed-rank{rank}")
+        for name in uninterrupted:
+            assert torch.equal(resumed[name].indices, uninterrupted[name].indices), name
+            assert torch.equal(resumed[name].values, uninterrupted[name].values), name
 
 
 def test_fsdp_ranks_hold_half_the_base(runs):

@@ -1,13 +1,11 @@
 """SftTrainer with the real transformers Trainer: training, adapter-only checkpoints and an exact resume (also
 under DDP), the delta from save_model / save_pretrained / push_to_hub."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import TORCHRUN, two_processes
 from tiny import tiny_llama, tokens
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -204,23 +202,7 @@ def test_push_to_hub_uploads_the_delta_and_the_full_model_on_request(tmp_path, h
 
 @pytest.mark.slow
 def test_trainer_under_ddp_resumes_bit_exactly_on_every_rank(tmp_path):
-    worker = Path(__file__).parent / "ddp_trainer.py"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(worker),
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = two_processes([*TORCHRUN, Path(__file__).parent / "ddp_trainer.py", "--out", tmp_path])
     assert proc.returncode == 0, proc.stderr[-4000:]
     for algorithm in ("rigl", "sm3"):
         # rank 0 wrote the checkpoint; both ranks resumed from it

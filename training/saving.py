@@ -116,31 +116,22 @@ def push_to_hub(
     """Upload the trained delta to ``repo_id`` with ``deltahub.push_delta`` (validated, with its card); returns
     its ``PushResult``. ``full_model=True`` uploads the plain transformers model instead (transformers'
     ``push_to_hub`` with the same arguments)."""
+    common = {
+        "private": private,
+        "revision": revision,
+        "commit_message": commit_message,
+        "create_pr": create_pr,
+        "token": token,
+    }
     if full_model:
         with _plain(model):
-            return model.push_to_hub(
-                repo_id,
-                private=private,
-                revision=revision,
-                commit_message=commit_message,
-                create_pr=create_pr,
-                token=token,
-                **kwargs,
-            )
+            return model.push_to_hub(repo_id, **common, **kwargs)
     if kwargs:
         raise TypeError(
             f"push_to_hub of a sparse fine-tuned model pushes its delta and takes no {sorted(kwargs)}; pass "
             "full_model=True for transformers' own push_to_hub and its options"
         )
-    return deltahub.push_delta(
-        model.to_delta(),
-        repo_id,
-        private=private,
-        revision=revision,
-        commit_message=commit_message,
-        create_pr=create_pr,
-        token=token,
-    )
+    return deltahub.push_delta(model.to_delta(), repo_id, **common)
 
 
 @contextlib.contextmanager
