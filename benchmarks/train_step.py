@@ -60,6 +60,53 @@ def lora_param_count(model, r: int = 16) -> int:
     )
 
 
+def prepare(name: str, model, lora_count: int):
+    """Make ``model`` trainable as configuration ``name``; returns (model, optimizer or None, selector or None)."""
+    import torch
+
+    if name == "floor":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.enable_input_require_grads()  # backward runs through every layer, no weight gradients
+        return model, None, None
+    if name.startswith("sft"):
+        from training import SftAdamW, SftConfig, SftSelector, SftSM3, get_sft_model
+
+        algorithm = name.split("-")[1]
+        model = get_sft_model(model, SftConfig(num_tunable_weights=lora_count, selection_algorithm=algorithm))
+        params = [p for p in model.parameters() if p.requires_grad]
+        if algorithm == "sm3":
+            optimizer = SftSM3(params, model.active_deltas(), lr=0.1)
+        else:
+            optimizer = SftAdamW(params, lr=1e-3)
+        return model, optimizer, SftSelector(model, optimizer, total_update_steps=1000)
+    if name == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
+        )
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3), None
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-5), None
+
+
+def print_reselection_costs(results: dict, goal: str = "") -> None:
+    """Per SFT configuration: window step, reselection, and their cost amortised over the default schedule
+    (per R=20 steps: A=5 window steps, RigL only, and one reselection, over 20 normal steps)."""
+    med = statistics.median
+    for name, r in results.items():
+        if not name.startswith("sft"):
+            continue
+        normal = med(r["times"]["normal"])
+        window = med(r["times"]["window"]) if r["times"]["window"] else normal
+        reselect = med(r["times"]["reselect"]) if r["times"]["reselect"] else 0.0
+        extra = (5 * (window - normal) if name.startswith("sft-rigl") else 0.0) + reselect
+        print(
+            f"{name}: window step {window:.4f} s, reselection {reselect:.4f} s -> amortised reselection cost "
+            f"{extra / (20 * normal):.1%} of training time{goal}"
+        )
+
+
 class Setup:
     """One configuration: its model, optimizer and (for SFT) selector, stepped one update at a time."""
 
@@ -69,34 +116,7 @@ class Setup:
         self.name = name
         model = build_model()
         self.lora_count = lora_param_count(model)
-        self.selector = None
-        if name == "floor":
-            for p in model.parameters():
-                p.requires_grad_(False)
-            model.enable_input_require_grads()  # backward runs through every layer, no weight gradients
-            self.optimizer = None
-        elif name.startswith("sft"):
-            from training import SftAdamW, SftConfig, SftSelector, SftSM3, get_sft_model
-
-            algorithm = name.split("-")[1]
-            model = get_sft_model(
-                model, SftConfig(num_tunable_weights=self.lora_count, selection_algorithm=algorithm)
-            )
-            params = [p for p in model.parameters() if p.requires_grad]
-            if algorithm == "sm3":
-                self.optimizer = SftSM3(params, model.active_deltas(), lr=0.1)
-            else:
-                self.optimizer = SftAdamW(params, lr=1e-3)
-            self.selector = SftSelector(model, self.optimizer, total_update_steps=1000)
-        elif name == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(
-                model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
-            )
-            self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        else:
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        model, self.optimizer, self.selector = prepare(name, model, self.lora_count)
         self.model = model.train()
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.gen = torch.Generator().manual_seed(1)
@@ -202,18 +222,7 @@ def main() -> None:
         print(
             f"{name:10s} {r['trainable']:>11,} {step:>9.3f} {vs_floor:>9s} {vs_lora:>8s} {r['peak_rss_mb']:>8.0f}MB {rss_vs:>8s}"
         )
-    for name, r in results.items():
-        if not name.startswith("sft"):
-            continue
-        normal = med(r["times"]["normal"])
-        window = med(r["times"]["window"]) if r["times"]["window"] else normal
-        reselect = med(r["times"]["reselect"]) if r["times"]["reselect"] else 0.0
-        # per R=20 steps: A=5 window steps (RigL only) and one reselection, over 20 normal steps
-        extra = (5 * (window - normal) if name == "sft-rigl" else 0.0) + reselect
-        print(
-            f"{name}: window step {window:.3f} s, reselection {reselect:.3f} s -> amortised reselection cost "
-            f"{extra / (20 * normal):.1%} of training time (goal <= 5%)"
-        )
+    print_reselection_costs(results, goal=" (goal <= 5%)")
 
 
 if __name__ == "__main__":

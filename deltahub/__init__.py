@@ -10,10 +10,13 @@ Example:
 from ._version import __version__
 from .apply import AppliedDeltas, apply_deltas, load_model
 from .checkpoint import Checkpoint, as_tensor_source
+from .convert import convert_adapter
 from .delta import ParamDelta, SparseDelta
 from .errors import (
+    ArgumentTypeError,
     BaseMismatchError,
     CheckpointError,
+    ConversionError,
     DeltaExistsError,
     DeltaFormatError,
     DeltahubError,
@@ -23,24 +26,33 @@ from .errors import (
     HubError,
     HubRepoNotFoundError,
     HubRevisionNotFoundError,
+    InvalidArgumentError,
+    InvalidRepoIdError,
+    MergeConfigError,
     MethodOptionError,
+    MissingExtraError,
     NotADeltaError,
     OutOfSpaceError,
+    PathNotFoundError,
     RevertError,
+    UnconvertedAdapterError,
     UnknownMethodError,
 )
 from .extract import extract_delta
-from .format import load_delta, save_delta
-from .hub import PushResult, load_hub_delta, parse_delta_ref, pull_delta, push_delta
-from .merging import MergePlan, MergeResult, merge
+from .format import save_delta
+from .hub import PushResult, parse_delta_ref, pull_delta, push_delta
+from .loading import load_delta
+from .merging import MergeConfig, MergePlan, MergeResult, merge
 from .methods import MethodOption, MethodSpec, available_methods, combine, get_method, register_method
 from .overlap import OverlapReport, overlap_report
 
 __all__ = [
     "AppliedDeltas",
+    "ArgumentTypeError",
     "BaseMismatchError",
     "Checkpoint",
     "CheckpointError",
+    "ConversionError",
     "DeltaExistsError",
     "DeltaFormatError",
     "DeltahubError",
@@ -50,28 +62,35 @@ __all__ = [
     "HubError",
     "HubRepoNotFoundError",
     "HubRevisionNotFoundError",
+    "InvalidArgumentError",
+    "InvalidRepoIdError",
+    "MergeConfig",
+    "MergeConfigError",
     "MergePlan",
     "MergeResult",
     "MethodOption",
     "MethodOptionError",
     "MethodSpec",
+    "MissingExtraError",
     "NotADeltaError",
     "OutOfSpaceError",
     "OverlapReport",
     "ParamDelta",
+    "PathNotFoundError",
     "PushResult",
     "RevertError",
     "SparseDelta",
+    "UnconvertedAdapterError",
     "UnknownMethodError",
     "__version__",
     "apply_deltas",
     "as_tensor_source",
     "available_methods",
     "combine",
+    "convert_adapter",
     "extract_delta",
     "get_method",
     "load_delta",
-    "load_hub_delta",
     "load_model",
     "merge",
     "overlap_report",

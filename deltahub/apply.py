@@ -7,6 +7,7 @@ base values in float32 and rounded once to the parameter's dtype. Only touched p
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -15,11 +16,11 @@ import torch
 from torch import nn
 
 from ._tensors import check_tied, storage_key, tied_groups
-from .delta import ParamDelta, SparseDelta
-from .errors import ArgumentTypeError, BaseMismatchError, RevertError
+from .delta import ParamDelta, SparseDelta, common_base
+from .errors import ArgumentTypeError, BaseMismatchError, InvalidArgumentError, PathNotFoundError, RevertError
 from .fingerprint import samples_match, tensor_samples
-from .methods import combine, resolve_options
-from .sources import DeltaSource, describe, resolve_deltas
+from .inputs import DeltaInputs, DeltaSource, describe, validate_inputs
+from .methods import combine_inputs
 
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -273,33 +274,43 @@ class AppliedDeltas:
 def apply_deltas(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     deltas: DeltaSource | Sequence[DeltaSource],
+    *,
     weights: Sequence[float] | None = None,
     method: str = "sum",
+    method_options: Mapping[str, Any] | None = None,
     force: bool = False,
-    **method_options: Any,
 ) -> AppliedDeltas:
     """Add the combination of ``deltas`` to a model's (or state dict's) tensors in place.
 
     Args:
         model_or_state_dict: a ``torch.nn.Module`` (any device, any floating dtype) or a ``{name: tensor}`` dict.
-        deltas: one or more SparseDelta objects or delta folders/files.
+        deltas: one or more SparseDelta objects, delta folders or files, or Hub ids ``org/name[@rev]``.
         weights: one per delta (default 1.0); negative subtracts.
         method: a combination method (``deltahub.methods.available_methods()``); ``sum`` is task arithmetic.
-        force: skip the base fingerprint check (names and shapes are always checked).
-        **method_options: options of the method, e.g. ``density=0.5`` for ``ties``.
+        method_options: the method's options, e.g. ``{"density": 0.5}`` for ``ties``.
+        force: skip the base fingerprint checks (names and shapes are always checked).
 
     Returns:
         An :class:`AppliedDeltas` handle; ``handle.revert()`` restores the base bit-exactly.
 
     Example:
-        >>> handle = apply_deltas(model, ["./math-delta", "./code-delta"], weights=[1.0, 0.5])
+        >>> handle = apply_deltas(model, ["./math-delta", "acme/code-delta@v1"], weights=[1.0, 0.5])
         >>> handle.revert()
     """
-    resolve_options(method, method_options)  # a bad method or option fails before any delta is loaded
-    delta_list, weight_list = resolve_deltas(deltas, weights)
+    inputs = validate_inputs(
+        deltas, weights=weights, method=method, method_options=method_options, force=force
+    )
+    return apply_inputs(model_or_state_dict, inputs)
+
+
+def apply_inputs(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], inputs: DeltaInputs
+) -> AppliedDeltas:
+    """:func:`apply_deltas` on inputs already checked by :func:`deltahub.inputs.validate_inputs`."""
+    delta_list, weight_list = list(inputs.deltas), list(inputs.weights)
     tensors = _target_tensors(model_or_state_dict)
-    check_base(delta_list, tensors, force=force)
-    combined = combine(delta_list, weight_list, method=method, **method_options)
+    check_base(delta_list, tensors, force=inputs.force)
+    combined = combine_inputs(inputs)
 
     # Tied parameters: several names, one tensor. Apply once; two different deltas for one tensor is an error.
     groups = tied_groups((name, tensors[name]) for name in combined)
@@ -308,7 +319,7 @@ def apply_deltas(
     with torch.no_grad():
         for names in groups:
             saved[names[0]] = add_in_place(tensors[names[0]], combined[names[0]])
-    return AppliedDeltas(delta_list, weight_list, method, dict(method_options), combined, saved)
+    return AppliedDeltas(delta_list, weight_list, inputs.method, dict(inputs.options), combined, saved)
 
 
 def _own_touched_weights(model: nn.Module, names: set[str]) -> None:
@@ -328,13 +339,13 @@ def _own_touched_weights(model: nn.Module, names: set[str]) -> None:
 
 
 def load_model(
-    base: str,
+    base: str | os.PathLike[str] | None = None,
     deltas: DeltaSource | Sequence[DeltaSource] = (),
+    *,
     weights: Sequence[float] | None = None,
     method: str = "sum",
-    *,
-    force: bool = False,
     method_options: Mapping[str, Any] | None = None,
+    force: bool = False,
     model_class: Any = None,
     **from_pretrained_kwargs: Any,
 ) -> nn.Module:
@@ -344,24 +355,58 @@ def load_model(
     carries the handle as ``model.applied_deltas`` (call ``model.applied_deltas.revert()`` to get the base back).
 
     Args:
-        base: a local model folder (or Hub id) for ``from_pretrained``.
-        deltas, weights, method, force: as in :func:`apply_deltas`; ``method_options`` holds the method's options.
+        base: a local model folder or Hub id for ``from_pretrained``. None: the base the deltas record (its id
+            and revision, as ``AutoPeftModelForCausalLM`` does), verified against their fingerprints like any.
+        deltas, weights, method, method_options, force: as in :func:`apply_deltas`.
         model_class: the class whose ``from_pretrained`` loads the base (default ``AutoModelForCausalLM``).
         **from_pretrained_kwargs: passed through (``dtype=torch.bfloat16``, ``device_map=...``).
 
     Example:
         >>> model = load_model("./smollm2", ["./shakespeare-delta"], dtype=torch.bfloat16)
+        >>> model = load_model(deltas=["acme/shakespeare-delta@v1"])  # the base it records, from the Hub
     """
-    resolve_options(method, method_options or {})
-    delta_list, weight_list = resolve_deltas(deltas, weights)
+    inputs = validate_inputs(
+        deltas, weights=weights, method=method, method_options=method_options, force=force, allow_empty=True
+    )
+    if base is None:
+        base, revision = recorded_base(inputs.deltas)
+        if revision is not None and from_pretrained_kwargs.setdefault("revision", revision) != revision:
+            raise InvalidArgumentError(
+                f"revision={from_pretrained_kwargs['revision']!r} conflicts with the revision {revision!r} "
+                f"the deltas record for their base {base}; pass base= explicitly"
+            )
     if model_class is None:
         from transformers import AutoModelForCausalLM
 
         model_class = AutoModelForCausalLM
     model = model_class.from_pretrained(base, **from_pretrained_kwargs)
     handle = None
-    if delta_list:
-        _own_touched_weights(model, {name for d in delta_list for name in d})
-        handle = apply_deltas(model, delta_list, weight_list, method, force, **dict(method_options or {}))
+    if inputs.deltas:
+        _own_touched_weights(model, {name for d in inputs.deltas for name in d})
+        handle = apply_inputs(model, inputs)
     model.applied_deltas = handle
     return model
+
+
+def recorded_base(deltas: Sequence[SparseDelta]) -> tuple[str, str | None]:
+    """The base the deltas record (``common_base``'s choice: a Hub id first), for loading it by name.
+
+    Raises:
+        ValueError: no delta records a base, or the one recorded is a local path that does not exist here.
+    """
+    if not deltas:
+        raise InvalidArgumentError("load_model needs a base, or deltas that record theirs")
+    base = common_base(deltas, force=True)  # which name to load; the fingerprints are checked after loading
+    name, revision = base["base_model"], base["base_revision"]
+    if not name:
+        raise InvalidArgumentError(
+            "none of the deltas records its base model; pass base= (a model folder or a Hub id 'org/name')"
+        )
+    from .identity import is_hub_id
+
+    if not is_hub_id(name) and not os.path.exists(name):
+        raise PathNotFoundError(
+            f"the deltas record their base as {name!r}, a local path that does not exist here; pass base= (a "
+            "model folder or a Hub id 'org/name')"
+        )
+    return name, revision

@@ -1,8 +1,10 @@
 """The ``README.md`` model card written next to a saved delta (the Hub renders it as the repo's front page).
 
-The YAML front matter is what the Hub indexes: ``library_name: deltahub`` (so the Hub can show deltahub's
-snippet), ``base_model`` (links the delta to its base's model tree), ``tags`` and ``license``. It follows the
-Hub's metadata rules (``/api/validate-yaml``): every value is a string or a list of strings.
+The metadata is built with ``huggingface_hub.ModelCardData`` and the card with ``ModelCard``, so it follows the
+Hub's own rules: ``library_name: deltahub`` (the Hub can show deltahub's snippet), ``base_model`` with
+``base_model_relation: adapter`` (links the delta into its base's model tree; only a Hub id, never a local
+path), ``tags`` and ``license``. Metadata that is already on a Hub card (a license, extra tags, datasets) can be
+carried over with ``metadata=``.
 """
 
 from __future__ import annotations
@@ -10,27 +12,18 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections.abc import Mapping
 from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
 
 from ._dtypes import dtype_name
 from .delta import SparseDelta
-from .hub_ids import is_repo_id
 
 # Beyond this many rows the table stops being readable; delta_config.json lists every parameter anyway.
 MAX_TABLE_ROWS = 200
 # Provenance can carry long lists (skipped parameters); the card shows the start, the config holds it all.
 MAX_PROVENANCE_CHARS = 4000
-
-
-def _yaml_str(text: str) -> str:
-    # A JSON string is a valid YAML double-quoted scalar, so ids with ':' or '#' cannot break the front matter.
-    return json.dumps(text, ensure_ascii=False)
-
-
-def is_hub_model_id(text: str | None) -> bool:
-    """Whether ``text`` has the shape of a Hub model id, ``name`` or ``namespace/name`` (and so may go in
-    ``base_model``, which the Hub resolves to a model page); a local path ("./base") does not."""
-    return is_repo_id(text, namespaced=False)
 
 
 def algorithm_of(provenance: dict[str, Any]) -> str | None:
@@ -51,17 +44,33 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _front_matter(delta: SparseDelta, license: str | None) -> list[str]:
-    front = ["---", "library_name: deltahub"]
-    if is_hub_model_id(delta.base_model):
-        front.append(f"base_model: {_yaml_str(delta.base_model)}")
-    front += ["tags:", "- deltahub", "- sparse-delta"]
+# Keys the card owns: a carried-over card's values for them are replaced, not merged.
+_OWNED = ("library_name", "base_model", "base_model_relation")
+
+
+def card_data(
+    delta: SparseDelta, *, license: str | None = None, metadata: Mapping[str, Any] | None = None
+) -> ModelCardData:
+    """The card's metadata: ``metadata`` (what a Hub card already has) with deltahub's keys set over it. Tags
+    are merged (ours first); ``license`` wins over the carried-over one."""
+    from .identity import is_hub_id
+
+    carried = {k: v for k, v in dict(metadata or {}).items() if k not in _OWNED and v is not None}
+    tags = ["deltahub", "sparse-delta"]
     algorithm = _tag(algorithm_of(delta.provenance) or "")
-    if algorithm and algorithm not in ("deltahub", "sparse-delta"):
-        front.append(f"- {_yaml_str(algorithm)}")
-    if license:
-        front.append(f"license: {_yaml_str(license)}")
-    return [*front, "---"]
+    if algorithm and algorithm not in tags:
+        tags.append(algorithm)
+    extra = carried.pop("tags", None) or []
+    tags += [
+        t for t in ([extra] if isinstance(extra, str) else extra) if isinstance(t, str) and t not in tags
+    ]
+    if license is not None:
+        carried["license"] = license
+    fields: dict[str, Any] = {"library_name": "deltahub", **carried, "tags": tags}
+    if is_hub_id(delta.base_model):
+        fields["base_model"] = delta.base_model
+        fields["base_model_relation"] = "adapter"
+    return ModelCardData(**fields)
 
 
 def _modules_table(delta: SparseDelta) -> list[str]:
@@ -91,24 +100,45 @@ def _provenance(delta: SparseDelta) -> list[str]:
     return lines or ["No provenance was recorded."]
 
 
-def model_card(delta: SparseDelta, *, location: str | None = None, license: str | None = None) -> str:
-    """The model card for ``delta``: Hub front matter, usage, provenance and size.
+def model_card(
+    delta: SparseDelta,
+    *,
+    location: str | None = None,
+    license: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> str:
+    """The model card for ``delta``: Hub metadata (:func:`card_data`), usage, provenance and size.
 
     Args:
         delta: the delta being saved or pushed.
         location: where users will load it from (a folder or Hub repo id); a placeholder when None.
-        license: a license id for the front matter (e.g. ``"apache-2.0"``); else ``provenance["license"]``
-            when it is a string; else none.
+        license: a license id for the metadata (e.g. ``"apache-2.0"``); else ``provenance["license"]`` when it
+            is a string; else the carried-over one, if any.
+        metadata: metadata to carry over (an existing Hub card's), see :func:`card_data`.
 
     Returns:
-        The card as Markdown text.
+        The card as Markdown text with YAML front matter.
     """
+    from .identity import is_hub_id
+
     if license is None and isinstance(delta.provenance.get("license"), str):
         license = delta.provenance["license"]
-    base = delta.base_model or "path/to/base-model"
     where = location or "path/to/this-delta"
     vd = delta.values_dtype
+    on_hub = is_hub_id(delta.base_model)
     on = f"`{delta.base_model}`" if delta.base_model else "its base model"
+    if on_hub:
+        rev = f", revision={delta.base_revision!r}" if delta.base_revision else ""
+        usage = [
+            "# The base this delta records is loaded by its id and checked against the delta's fingerprint.",
+            f"model = deltahub.load_model(deltas=[{where!r}])",
+            "# Or name the base (a local copy of it works too):",
+            f"model = deltahub.load_model({delta.base_model!r}, deltas=[{where!r}]{rev})",
+        ]
+        base_arg = delta.base_model + (f"@{delta.base_revision}" if delta.base_revision else "")
+    else:
+        base_arg = delta.base_model or "path/to/base-model"
+        usage = [f"model = deltahub.load_model({base_arg!r}, deltas=[{where!r}])"]
     body = [
         "",
         "# Sparse delta" + (f" for {delta.base_model}" if delta.base_model else ""),
@@ -122,13 +152,13 @@ def model_card(delta: SparseDelta, *, location: str | None = None, license: str 
         "```python",
         "import deltahub",
         "",
-        f"model = deltahub.load_model({base!r}, deltas=[{where!r}])",
+        *usage,
         "```",
         "",
         "Or write a standalone merged checkpoint that plain `transformers` loads:",
         "",
         "```bash",
-        f"deltahub merge {shlex.quote(base)} {shlex.quote(where)} --out merged",
+        f"deltahub merge {shlex.quote(base_arg)} {shlex.quote(where)} --out merged",
         "```",
         "",
         "## Provenance",
@@ -146,4 +176,5 @@ def model_card(delta: SparseDelta, *, location: str | None = None, license: str 
         *_modules_table(delta),
         "",
     ]
-    return "\n".join(_front_matter(delta, license) + body)
+    data = card_data(delta, license=license, metadata=metadata)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body)))

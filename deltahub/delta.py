@@ -15,6 +15,7 @@ import torch
 
 from ._dtypes import BASE_DTYPES, VALUE_DTYPES, dtype_name, index_dtype_for
 from .errors import ArgumentTypeError, BaseMismatchError, InvalidArgumentError
+from .fingerprint import samples_match
 from .sparse_ops import weighted_sum
 
 
@@ -305,36 +306,61 @@ class SparseDelta(Mapping[str, ParamDelta]):
         )
 
 
-def common_base(deltas: Iterable[SparseDelta]) -> dict[str, Any]:
+def common_base(deltas: Iterable[SparseDelta], *, force: bool = False) -> dict[str, Any]:
     """The base identity several deltas share: base_model, base_revision and the union of fingerprints.
 
-    Raises BaseMismatchError when two deltas name different bases or disagree about a parameter's shape or
-    fingerprint: adding them would be meaningless.
+    Deltas belong to the same base when they agree on what they can see of it: the shape of every parameter
+    two of them touch, and the fingerprint samples both recorded for it (compared as
+    :func:`deltahub.fingerprint.samples_match` does: exactly in one dtype, within one rounding across dtypes).
+    The ``base_model`` strings are information, never the test: ``./models/base``, an HF-cache snapshot path
+    and ``alice/tiny-base`` name the same weights when the fingerprints say so. The result names the first
+    recorded base that looks like a Hub id (with that delta's revision), else the first recorded one.
+
+    Args:
+        deltas: the deltas to combine.
+        force: skip the fingerprint comparison (shapes are always compared: a sum of mismatched shapes is
+            meaningless).
+
+    Raises:
+        BaseMismatchError: naming every parameter whose shape or fingerprint differs between two deltas.
     """
-    base_model = base_revision = None
+    from .identity import is_hub_id  # lazy: identity imports card, which imports this module
+
+    deltas = list(deltas)
+    named = [(d.base_model, d.base_revision) for d in deltas if d.base_model]
+    hub_named = [(m, r) for m, r in named if is_hub_id(m)]
+    base_model, base_revision = (hub_named or named or [(None, None)])[0]
     fingerprint: dict[str, tuple[float, ...]] = {}
-    shapes: dict[str, tuple[tuple[int, ...], int]] = {}
-    problems = []
+    seen: dict[str, tuple[tuple[int, ...], torch.dtype, int]] = {}  # name -> shape, base dtype, first delta
+    shape_problems, value_problems = [], []
     for i, d in enumerate(deltas):
-        if d.base_model is not None:
-            if base_model is not None and d.base_model != base_model:
-                problems.append(f"delta {i} is for base {d.base_model!r}, an earlier one for {base_model!r}")
-            base_model = base_model or d.base_model
-        if d.base_revision is not None:
-            base_revision = base_revision or d.base_revision
         for name, p in d.items():
-            if name in shapes and shapes[name][0] != p.shape:
-                problems.append(
-                    f"{name}: delta {i} has shape {list(p.shape)}, delta {shapes[name][1]} has "
-                    f"{list(shapes[name][0])}"
+            if name not in seen:
+                seen[name] = (p.shape, p.dtype, i)
+            elif seen[name][0] != p.shape:
+                shape_problems.append(
+                    f"{name}: delta {i} has shape {list(p.shape)}, delta {seen[name][2]} has {list(seen[name][0])}"
                 )
-            shapes.setdefault(name, (p.shape, i))
         for name, samples in d.fingerprint.items():
-            if name in fingerprint and fingerprint[name] != samples:
-                problems.append(f"{name}: delta {i} was made on different base values than an earlier delta")
-            fingerprint.setdefault(name, samples)
-    if problems:
-        raise BaseMismatchError("these deltas were made for different base models:", problems)
+            if name not in fingerprint:
+                fingerprint[name] = samples
+                continue
+            first_dtype, first = seen[name][1], seen[name][2]
+            if not force and not samples_match(fingerprint[name], samples, first_dtype, d[name].dtype):
+                value_problems.append(
+                    f"{name}: delta {i} was made on base values {[round(s, 6) for s in samples[:3]]}..., "
+                    f"delta {first} on {[round(s, 6) for s in fingerprint[name][:3]]}..."
+                )
+    if shape_problems:
+        raise BaseMismatchError(
+            "these deltas were made for different models (parameter shapes differ):", shape_problems
+        )
+    if value_problems:
+        raise BaseMismatchError(
+            f"these deltas were made on different base weights ({len(value_problems)} parameters differ); "
+            "combine deltas of one base, or pass force=True (--force) to combine anyway:",
+            value_problems,
+        )
     return {"base_model": base_model, "base_revision": base_revision, "fingerprint": fingerprint}
 
 

@@ -128,6 +128,21 @@ class OutOfSpaceError(DeltahubError, OSError):
     """The disk holding an output filled up (or would, by the planned output size)."""
 
 
+class UnconvertedAdapterError(DeltahubError, ValueError):
+    """The path or repo holds another tool's adapter (the SFT fork of peft, a peft LoRA, composable-sft), not a
+    deltahub delta: ``deltahub convert`` turns it into one. The message names the exact command."""
+
+
+class ConversionError(DeltahubError, ValueError):
+    """An adapter cannot be converted into a delta (an unsupported layout, a pickle that is not weights-only,
+    parts that replace weights rather than add to them, a base that does not fit)."""
+
+
+class OutputNotWritableError(DeltahubError, OSError):
+    """An output cannot be written where it was asked for: a read-only filesystem, a file-size limit, or no
+    permission. Nothing is left behind."""
+
+
 class MissingExtraError(DeltahubError, ImportError):
     """An optional dependency (an extra such as ``deltahub[plot]``) is not installed; the message says what
     to install."""

@@ -27,6 +27,7 @@ from .checkpoint import Checkpoint, TensorSource, as_tensor_source
 from .delta import ParamDelta, SparseDelta
 from .errors import ArgumentTypeError, ExtractionError, InvalidArgumentError
 from .fingerprint import tensor_samples
+from .identity import model_identity, parse_model_id
 
 ModelLike = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike | TensorSource
 _FLOATING = frozenset(BASE_DTYPES.values())
@@ -43,6 +44,7 @@ def extract_delta(
     on_mismatch: str = "error",
     include: str | re.Pattern[str] | Callable[[str], bool] | None = None,
     progress: bool = True,
+    base_model: str | None = None,
 ) -> SparseDelta:
     """The sparse delta that best approximates ``finetuned - base`` with a budget of entries.
 
@@ -61,6 +63,9 @@ def extract_delta(
             equal in both models carry no change and are ignored.
         include: only consider names matching this regex (``re.search``) or for which this callable is true.
         progress: show a progress bar over parameters (hidden anyway when not writing to a terminal).
+        base_model: the base's Hub id ``"org/name[@rev]"`` to record. Default: the base's own name: a folder in
+            the HF cache becomes its repo id and commit, a module its ``name_or_path`` (and commit), another
+            folder its path (which ``push_delta`` leaves out of what it uploads).
 
     Returns:
         A :class:`SparseDelta` on ``base`` (its ``base_model`` is the base's model id), fingerprinted on the base
@@ -90,14 +95,38 @@ def extract_delta(
         for given, src in ((base, base_src), (finetuned, ft_src)):
             if isinstance(src, Checkpoint) and not isinstance(given, Checkpoint):
                 src.close()
+    if base_model is not None:
+        base_id, base_revision = parse_model_id(base_model)
+    else:
+        base_id, base_revision = _identity(base, base_src)
+    ft_id, ft_revision = _identity(finetuned, ft_src)
     provenance: dict[str, Any] = {
         "method": "extract",
         budget[0]: budget[1],
         "scope": scope,
-        "finetuned": ft_src.model_id,
+        "finetuned": f"{ft_id}@{ft_revision}" if ft_id and ft_revision else ft_id,
         "skipped": skipped,
     }
-    return SparseDelta(params, base_model=base_src.model_id, fingerprint=fingerprint, provenance=provenance)
+    return SparseDelta(
+        params,
+        base_model=base_id,
+        base_revision=base_revision,
+        fingerprint=fingerprint,
+        provenance=provenance,
+    )
+
+
+def _identity(given: ModelLike, source: TensorSource) -> tuple[str | None, str | None]:
+    """How a model was named: a folder by its path (an HF-cache snapshot by its repo id and commit), a module by
+    what ``from_pretrained`` was given; never the ``_name_or_path`` a stranger's config.json may carry."""
+    if isinstance(given, (str, os.PathLike)):
+        return model_identity(given)
+    if isinstance(given, nn.Module):
+        config = getattr(given, "config", None)
+        return model_identity(
+            getattr(given, "name_or_path", None) or None, getattr(config, "_commit_hash", None)
+        )
+    return source.model_id, None
 
 
 def _check_options(density: Any, num: Any, scope: str, on_mismatch: str) -> tuple[str, float | int]:

@@ -11,15 +11,26 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import json
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ._atomic import atomic_folder, check_output
+from ._hub_guard import (
+    TIMEOUT_ENV,
+    HubStalled,
+    UntrustedAnswer,
+    check_revision,
+    guarded,
+    hub_timeout,
+    resolve_commit,
+)
 from ._version import __version__
 from .card import model_card
 from .delta import SparseDelta
@@ -38,6 +49,7 @@ from .errors import (
 from .format import load_delta, save_delta
 from .format.spec import CARD_FILE, CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from .hub_ids import check_repo_id, is_ref, parse_ref
+from .publish import check_no_local_paths, existing_card_metadata, scrub_for_upload
 
 # What a delta repo may hold that deltahub reads or writes. Shards follow `spec.SHARD_PATTERN`.
 DELTA_FILE_PATTERNS = [CONFIG_FILE, SINGLE_FILE, INDEX_FILE, "delta-*-of-*.safetensors", CARD_FILE]
@@ -55,6 +67,7 @@ class PushResult:
         sha: the new commit's sha (with ``create_pr``, the commit on the pull request's ref).
         url: the commit's URL.
         pr_url: the pull request's URL when ``create_pr=True``, else None.
+        notes: one line per thing left out of the pushed files (a local path as the base, say).
     """
 
     repo_id: str
@@ -62,6 +75,7 @@ class PushResult:
     sha: str
     url: str
     pr_url: str | None = None
+    notes: tuple[str, ...] = ()
 
 
 # The Hub's naming rules live in hub_ids; these two names are the public spelling of its helpers.
@@ -98,11 +112,31 @@ _TOKEN_FIX = "pass a valid `token`, set HF_TOKEN, or run `hf auth login`"
 
 
 def _causes(err: BaseException) -> list[BaseException]:
-    """``err`` and the exceptions it was raised from, outermost first."""
+    """``err`` and the exceptions it was raised from or while handling, outermost first."""
     chain = [err]
-    while chain[-1].__cause__ is not None and len(chain) < 20:
-        chain.append(chain[-1].__cause__)
+    while len(chain) < 20:
+        nxt = chain[-1].__cause__ or chain[-1].__context__
+        if nxt is None or nxt in chain:
+            break
+        chain.append(nxt)
     return chain
+
+
+def _redacted(text: str, token: object) -> str:
+    """A server's words made safe to print: one line, at most 160 characters, and nothing that looks like a
+    token (the one sent, HF_TOKEN's, any ``hf_...`` string, whatever follows ``Bearer``/``token``)."""
+    from huggingface_hub import get_token
+
+    text = " ".join(str(text).split())
+    for secret in {token if isinstance(token, str) else None, get_token()}:
+        if secret:
+            text = text.replace(secret, "<redacted>")
+    text = re.sub(
+        r"(?i)\b(bearer|token|authorization)(\s*[:=]?\s*)(?!<redacted>)\S+", r"\1\2<redacted>", text
+    )
+    text = re.sub(r"\bhf_[A-Za-z0-9_-]{6,}", "<redacted>", text)
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _translate(
@@ -115,7 +149,24 @@ def _translate(
     where = f"{repo_id}@{revision}"
     host = _endpoint(endpoint)
     ids = {"repo_id": repo_id, "revision": revision}
-    status = getattr(getattr(err, "response", None), "status_code", None)
+    causes = _causes(err)
+    http = next((c for c in causes if isinstance(c, hf.HfHubHTTPError)), None)
+    status = getattr(getattr(http, "response", None), "status_code", None)
+
+    # What deltahub refused before huggingface_hub could act on it (see _hub_guard).
+    untrusted = next((c for c in causes if isinstance(c, (UntrustedAnswer, HubStalled))), None)
+    if isinstance(untrusted, HubStalled):
+        return HubConnectionError(
+            f"cannot {action} {where}: the Hub at {host} sent {untrusted}; nothing was kept; retry later, "
+            f"raise {TIMEOUT_ENV}, or check HF_ENDPOINT",
+            **ids,
+        )
+    if untrusted is not None:
+        return HubError(
+            f"cannot {action} {where}: the Hub at {host} {_redacted(str(untrusted), token)}; refused before "
+            "anything was written outside the cache: check HF_ENDPOINT (is this a Hugging Face Hub?)",
+            **ids,
+        )
 
     if isinstance(err, hf.RevisionNotFoundError):
         return HubRevisionNotFoundError(
@@ -123,7 +174,7 @@ def _translate(
             "check the branch, tag or commit sha (the repo's page lists its branches and tags)",
             **ids,
         )
-    if isinstance(err, hf.HfHubHTTPError) and status == 401:
+    if http is not None and status == 401:
         if "Invalid credentials" in str(err) or "Invalid credentials" in str(
             getattr(err, "server_message", "")
         ):
@@ -131,7 +182,13 @@ def _translate(
         else:
             why = f"{host} needs a token for this and {_token_hint(token)}"
         return HubAuthError(f"cannot {action} {where}: {why}; {_TOKEN_FIX}", **ids)
-    if isinstance(err, hf.HfHubHTTPError) and status == 403:
+    if status == 403 and action != "push":
+        return HubAuthError(
+            f"cannot {action} {where}: {host} refused access to {repo_id} (403, {_token_hint(token)}): it may be "
+            f"gated or restricted; request access on its page, or {_TOKEN_FIX} with access to it",
+            **ids,
+        )
+    if http is not None and status == 403:
         return HubAuthError(
             f"cannot {action} {where}: the token has no write access to {repo_id} on {host}; use a token "
             f"with write access to the '{repo_id.split('/')[0]}' namespace ({_TOKEN_FIX}), or push to a "
@@ -145,26 +202,30 @@ def _translate(
             **ids,
         )
     if isinstance(err, hf.OfflineModeIsEnabled) or (
-        isinstance(err, hf.LocalEntryNotFoundError)
+        isinstance(err, (hf.LocalEntryNotFoundError, hf.RevisionResolutionError))
         and not isinstance(err, hf.IncompleteSnapshotError)
         and (
-            any(isinstance(c, hf.OfflineModeIsEnabled) for c in _causes(err))
+            any(isinstance(c, hf.OfflineModeIsEnabled) for c in causes)
             or "outgoing traffic has been disabled" in str(err)
+            or "'local_files_only=True' is set" in str(err)
         )
     ):
-        what = "is not in the local cache" if action == "pull" else "needs the network"
+        what = "is not in the local cache" if action != "push" else "needs the network"
         return HubConnectionError(
             f"cannot {action} {where}: it {what} and offline mode is on (HF_HUB_OFFLINE=1 or "
             "local_files_only); pull it once online, or unset HF_HUB_OFFLINE",
             **ids,
         )
-    transport = next((c for c in _causes(err) if isinstance(c, httpx2.TransportError)), None)
+    transport = next((c for c in causes if isinstance(c, httpx2.TransportError)), None)
     if transport is not None and not isinstance(err, hf.IncompleteSnapshotError):
-        cached = " and no copy is in the local cache" if action == "pull" else ""
-        offline = ", or use HF_HUB_OFFLINE=1 with a cached copy" if action == "pull" else ""
+        cached = " and no copy is in the local cache" if action != "push" else ""
+        offline = ", or use HF_HUB_OFFLINE=1 with a cached copy" if action != "push" else ""
+        if isinstance(transport, httpx2.TimeoutException):
+            why = f"did not answer within {hub_timeout():g} s ({TIMEOUT_ENV})"
+        else:
+            why = f"cannot be reached ({type(transport).__name__})"
         return HubConnectionError(
-            f"cannot {action} {where}: the Hub at {host} cannot be reached ({type(transport).__name__}){cached}; "
-            f"check the network and HF_ENDPOINT{offline}",
+            f"cannot {action} {where}: the Hub at {host} {why}{cached}; check the network and HF_ENDPOINT{offline}",
             **ids,
         )
     if isinstance(err, hf.IncompleteSnapshotError):
@@ -173,9 +234,30 @@ def _translate(
             "pull it again with network access",
             **ids,
         )
-    if isinstance(err, hf.HfHubHTTPError):
-        msg = getattr(err, "server_message", None) or str(err).splitlines()[0]
-        return HubError(f"cannot {action} {where}: {host} answered {status}: {msg}", **ids)
+    if http is not None:
+        # Never the server's body as is: it may echo the Authorization header, and it is not ours to print.
+        text = getattr(http, "server_message", None) or str(http)
+        first = next((line for line in text.splitlines() if line.strip()), type(http).__name__)
+        said = _redacted(first, token)
+        return HubError(f"cannot {action} {where}: {host} answered {status}: {said}", **ids)
+    if any(isinstance(c, json.JSONDecodeError) for c in causes):
+        return HubError(
+            f"cannot {action} {where}: {host} answered something that is not JSON; it is not a Hub-compatible "
+            "server, or not working: check HF_ENDPOINT",
+            **ids,
+        )
+    if isinstance(err, OSError) and "Consistency check failed" in str(err):
+        return HubError(
+            f"cannot {action} {where}: {host} sent a file whose size differs from the size it announced "
+            "(nothing was kept); retry, and if it persists check HF_ENDPOINT",
+            **ids,
+        )
+    if isinstance(err, ValueError) and "Invalid pointer path" in str(err):
+        return HubError(
+            f"cannot {action} {where}: {host} listed a file name that is a path out of the repo; refused before "
+            "anything was written outside the cache: check HF_ENDPOINT",
+            **ids,
+        )
     return None
 
 
@@ -193,8 +275,14 @@ def _hub_errors(
         )
         if mapped is None:
             raise
-        # Chained, so a Python traceback still shows the client's error (URL, request id); the CLI prints
-        # only the one-line message. Neither contains the token.
+        from huggingface_hub.errors import HfHubHTTPError
+
+        if any(isinstance(c, HfHubHTTPError) for c in _causes(err)):
+            # The client's error quotes the server's body, which may echo the token: not even a traceback
+            # (DELTAHUB_DEBUG=1) shows it.
+            raise mapped from None
+        # Chained otherwise, so a Python traceback still shows the client's error (URL, cause); the CLI prints
+        # only the one-line message.
         raise mapped from err
 
 
@@ -203,8 +291,6 @@ def _hub_errors(
 
 def _delta_files(folder: Path) -> list[str]:
     """The files of a validated delta folder that make up the delta (the card is handled separately)."""
-    import json
-
     if (folder / INDEX_FILE).is_file():
         index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
         shards = sorted(set(index["weight_map"].values()))
@@ -212,18 +298,19 @@ def _delta_files(folder: Path) -> list[str]:
     return [CONFIG_FILE, SINGLE_FILE]
 
 
-def _card_text(folder: Path, delta: SparseDelta, repo_id: str, license: str | None) -> str:
-    """The card to push: the folder's own README when the user wrote one, else one that names this repo.
+def _own_card(folder: Path, original: SparseDelta, license: str | None) -> bytes | None:
+    """The folder's README when the user wrote it (pushed as is), else None (push generates the card).
 
-    A README equal to what :func:`save_delta` generates says ``deltas=['path/to/this-delta']``; the pushed
-    one should say ``deltas=['org/name']`` instead. A hand-edited README is the author's and is kept as is.
+    A README equal to what :func:`save_delta` generated says ``deltas=['path/to/this-delta']``; the pushed one
+    should say ``deltas=['org/name']`` instead, name the base by id and carry the Hub card's metadata over. A
+    hand-edited README is the author's and is kept as is, unless ``license`` asks for a regenerated one.
     """
     card = folder / CARD_FILE
     if license is None and card.is_file():
         text = card.read_text(encoding="utf-8")
-        if text != model_card(delta):
-            return text
-    return model_card(delta, location=repo_id, license=license)
+        if text != model_card(original):
+            return text.encode("utf-8")
+    return None
 
 
 def _ensure_branch(api, repo_id: str, branch: str) -> None:
@@ -249,6 +336,8 @@ def push_delta(
     token: str | bool | None = None,
     endpoint: str | None = None,
     license: str | None = None,
+    base_model: str | None = None,
+    keep_card_metadata: bool = True,
 ) -> PushResult:
     """Upload a delta to a Hub repo in one commit, creating the repo (and the branch) if needed.
 
@@ -267,10 +356,18 @@ def push_delta(
         create_pr: open a pull request with the commit instead of committing to the branch.
         token: a Hub token; ``None`` uses huggingface_hub's lookup (``HF_TOKEN``, ``hf auth login``).
         endpoint: the Hub URL; ``None`` uses ``HF_ENDPOINT`` (default ``https://huggingface.co``).
-        license: a license id for the card's front matter (regenerates the card).
+        license: a license id for the card's metadata (regenerates a hand-written card).
+        base_model: the base's Hub id ``"org/name[@rev]"``, recorded in every pushed file instead of what the
+            delta records (a local path, say).
+        keep_card_metadata: carry over metadata the card already on the Hub has (license, extra tags,
+            datasets...) into the regenerated card; ``license``, ``base_model`` and deltahub's tags still win.
+
+    No local filesystem path is ever uploaded: a ``base_model`` that is a local path is replaced by
+    ``base_model=``, an HF-cache snapshot path by its repo id and commit, else dropped; local paths in the
+    provenance are dropped too. Each drop is one line in ``PushResult.notes`` (and a warning).
 
     Returns:
-        A :class:`PushResult` with the commit's ``sha`` and ``url``.
+        A :class:`PushResult` with the commit's ``sha`` and ``url``, and ``notes``.
 
     Raises:
         DeltaFormatError: the folder is not a valid delta (nothing was uploaded).
@@ -300,13 +397,27 @@ def push_delta(
                     f"no delta folder at {os.fspath(delta_or_folder)!r}: push_delta takes a folder written by "
                     "save_delta, or a SparseDelta"
                 )
+            from .convert.detect import unconverted_error
+
+            problem = unconverted_error(folder)
+            if problem is not None:
+                raise problem  # an adapter of another tool: say `deltahub convert`, not "no delta_config.json"
             delta = load_delta(folder)  # validate before anything leaves the machine
         else:
             raise ArgumentTypeError(
                 f"push_delta takes a SparseDelta or a folder; got {type(delta_or_folder).__name__}"
             )
-        files = _delta_files(folder)
-        card = _card_text(folder, delta, repo_id, license).encode("utf-8")
+        outgoing = scrub_for_upload(delta, folder, Path(tmp), base_model=base_model)
+        for note in outgoing.notes:
+            warnings.warn(f"push to {repo_id}: {note}", UserWarning, stacklevel=2)
+        files = _delta_files(outgoing.folder)
+        own_card = _own_card(folder, delta, license)
+        folder = outgoing.folder
+        # Before anything is sent: the files as they will be uploaded hold no local path.
+        check_no_local_paths(
+            {**({CARD_FILE: own_card} if own_card is not None else {}), **{n: folder / n for n in files}},
+            outgoing.local_paths,
+        )
         message = commit_message or (
             f"Upload sparse delta ({len(delta)} parameters, {delta.nnz:,} nonzeros) with deltahub {__version__}"
         )
@@ -324,6 +435,13 @@ def push_delta(
                     repo_id=repo_id,
                     revision=branch,
                 )
+            if own_card is not None:
+                card = own_card
+            else:
+                metadata = existing_card_metadata(info) if keep_card_metadata else {}
+                card = model_card(
+                    outgoing.delta, location=repo_id, license=license, metadata=metadata
+                ).encode()
             keep = {*files, CARD_FILE}
             ops: list = [
                 CommitOperationAdd(path_in_repo=name, path_or_fileobj=folder / name) for name in files
@@ -348,10 +466,72 @@ def push_delta(
         sha=commit.oid,
         url=commit.commit_url,
         pr_url=commit.pr_url,
+        notes=tuple(outgoing.notes),
     )
 
 
 # ---- pull ---------------------------------------------------------------------------------------------------------
+
+
+def fetch_snapshot(
+    repo_id: str,
+    revision: str | None,
+    *,
+    allow_patterns: list[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    endpoint: str | None = None,
+    action: str = "pull",
+) -> tuple[Path, str]:
+    """Download (or find in the HF cache) the files of ``repo_id@revision`` matching ``allow_patterns``, trusting
+    the Hub with nothing that names a path: the revision is resolved to a commit first and must be 40 hex digits,
+    and every answer is checked and every wait bounded while huggingface_hub downloads (see ``_hub_guard``).
+
+    Returns:
+        ``(snapshot folder, commit)``; the folder is ``.../snapshots/<commit>``.
+
+    Raises:
+        HubError (and subclasses): one line naming ``repo_id@revision``; never the server's text unfiltered.
+    """
+    from huggingface_hub import HfApi, ResolvedRevision, constants, snapshot_download
+
+    check_repo_id(repo_id)
+    check_revision(revision)
+    rev = revision or "main"
+    api = HfApi(endpoint=endpoint, token=token, library_name="deltahub", library_version=__version__)
+    with _hub_errors(action, repo_id, rev, endpoint, token), guarded(_endpoint(endpoint)):
+        # The commit first, checked to be a sha: huggingface_hub would otherwise name cache folders after
+        # whatever the server calls it ("../../x" included).
+        commit = resolve_commit(
+            api,
+            repo_id,
+            revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only or constants.HF_HUB_OFFLINE,
+            token=token,
+        )
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                revision=ResolvedRevision(commit, initial=revision, repo_id=repo_id),
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=local_files_only,
+                endpoint=endpoint,
+                allow_patterns=allow_patterns,
+                library_name="deltahub",
+                library_version=__version__,
+            )
+        )
+    if folder.name != commit or folder.parent.name != "snapshots":
+        raise HubError(
+            f"cannot {action} {repo_id}@{rev}: the files came back in {folder}, not in the cache snapshot of "
+            f"commit {commit}",
+            repo_id=repo_id,
+            revision=rev,
+        )
+    return folder, commit
 
 
 def _snapshot(
@@ -364,27 +544,17 @@ def _snapshot(
     endpoint: str | None,
 ) -> tuple[Path, SparseDelta]:
     """Download (or find in the cache) the delta's files and load them, with ``origin`` recorded."""
-    from huggingface_hub import snapshot_download
-
-    check_repo_id(repo_id)
+    folder, commit = fetch_snapshot(
+        repo_id,
+        revision,
+        allow_patterns=DELTA_FILE_PATTERNS,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        endpoint=endpoint,
+    )
     rev = revision or "main"
     where = f"{repo_id}@{rev}"
-    with _hub_errors("pull", repo_id, rev, endpoint, token):
-        folder = Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                cache_dir=cache_dir,
-                token=token,
-                local_files_only=local_files_only,
-                endpoint=endpoint,
-                allow_patterns=DELTA_FILE_PATTERNS,
-                library_name="deltahub",
-                library_version=__version__,
-            )
-        )
-    # The cache lays snapshots out as .../snapshots/<commit sha>: the folder's name is the resolved commit.
-    commit = folder.name if _SHA.fullmatch(folder.name) else None
     if not (folder / CONFIG_FILE).is_file():
         raise NotADeltaError(
             f"{where} is not a deltahub delta: it has no {CONFIG_FILE}; check the repo id and revision (a "
@@ -396,14 +566,9 @@ def _snapshot(
         delta = load_delta(folder)
     except DeltaFormatError as err:
         # Name the repo rather than only the cache folder: that is what the user typed and can report.
-        source = f"{where} (commit {commit or 'unknown'}, cached at {folder})"
+        source = f"{where} (commit {commit}, cached at {folder})"
         raise DeltaFormatError(source, err.problems) from None
-    if commit is None:  # not a standard cache layout: ask the Hub which commit the revision is
-        from huggingface_hub import HfApi
-
-        with _hub_errors("pull", repo_id, rev, endpoint, token):
-            commit = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision).sha
-    delta.origin = {"repo_id": repo_id, "revision": rev, "commit": commit or "", "path": str(folder)}
+    delta.origin = {"repo_id": repo_id, "revision": rev, "commit": commit, "path": str(folder)}
     return folder, delta
 
 
@@ -468,37 +633,3 @@ def pull_delta(
         endpoint=endpoint,
     )
     return folder if out is None else _copy_out(folder, out, overwrite)
-
-
-def load_hub_delta(
-    ref: str,
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    token: str | bool | None = None,
-    local_files_only: bool = False,
-    endpoint: str | None = None,
-) -> SparseDelta:
-    """Pull and load a delta from the Hub: ``ref`` is ``"org/name"`` or ``"org/name@revision"``.
-
-    The result's ``origin`` is ``{"repo_id", "revision", "commit": <resolved sha>, "path": <cache folder>}``,
-    so what was loaded can be pinned later with ``org/name@<commit>``.
-
-    Example:
-        >>> load_hub_delta("acme/math-delta@v1").origin["commit"]
-        '3f2a...'
-    """
-    repo_id, ref_revision = parse_delta_ref(ref)
-    if revision is not None and ref_revision is not None and revision != ref_revision:
-        raise InvalidArgumentError(
-            f"two revisions for {repo_id}: {ref_revision!r} in {ref!r} and revision={revision!r}"
-        )
-    _, delta = _snapshot(
-        repo_id,
-        revision or ref_revision,
-        cache_dir=cache_dir,
-        token=token,
-        local_files_only=local_files_only,
-        endpoint=endpoint,
-    )
-    return delta

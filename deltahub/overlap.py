@@ -5,20 +5,22 @@ sign), and sign conflicts are where a plain sum partly cancels. Sparse throughou
 indices per parameter, never a dense tensor.
 
 Example:
-    >>> print(overlap_report([math_delta, code_delta], [1.0, -1.0]))
+    >>> print(overlap_report([math_delta, code_delta], weights=[1.0, -1.0]))
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .delta import SparseDelta, common_base
-from .methods import _resolve_weights
 from .sparse_ops import union
+
+if TYPE_CHECKING:
+    from .inputs import DeltaInputs, DeltaSource
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class OverlapReport:
 
     weights: tuple[float, ...]
     params: tuple[ParamOverlap, ...]
+    method: str = "sum"
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def num_deltas(self) -> int:
@@ -82,6 +86,8 @@ class OverlapReport:
         return {
             "num_deltas": self.num_deltas,
             "weights": list(self.weights),
+            "method": self.method,
+            "options": dict(self.options),
             "params": {p.name: p.to_dict() for p in self.params},
             "totals": {
                 "params": len(self.params),
@@ -97,8 +103,10 @@ class OverlapReport:
 
     def table(self, *, per_param: bool = True) -> str:
         """The report as text: a row per overlapping parameter (unless ``per_param=False``) and the totals."""
+        opts = "".join(f", {k}={v:g}" for k, v in self.options.items())
+        how = "" if self.method == "sum" else f", for {self.method}{opts}"
         head = (
-            f"overlap of {self.num_deltas} deltas (weights {', '.join(f'{w:g}' for w in self.weights)}) "
+            f"overlap of {self.num_deltas} deltas (weights {', '.join(f'{w:g}' for w in self.weights)}{how}) "
             f"over {len(self.params)} parameters"
         )
         if self.overlap == 0:
@@ -165,21 +173,46 @@ def _param_overlap(name: str, deltas: Sequence[SparseDelta], weights: Sequence[f
     return ParamOverlap(name, numel, nnz, overlap, conflicts)
 
 
-def overlap_report(deltas: Sequence[SparseDelta], weights: Sequence[float] | None = None) -> OverlapReport:
+def overlap_report(
+    deltas: Sequence[DeltaSource] | DeltaSource,
+    *,
+    weights: Sequence[float] | None = None,
+    method: str = "sum",
+    method_options: Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> OverlapReport:
     """How much several deltas overlap, per parameter touched by any of them.
 
     Args:
-        deltas: deltas of the same base (checked with :func:`deltahub.delta.common_base`).
+        deltas: deltas of the same base (SparseDelta objects, folders, files or Hub ids; checked with
+            :func:`deltahub.delta.common_base`).
         weights: one finite weight per delta (default 1 each). Only their signs matter: a negative weight flips
             the delta's signs, so subtracting an identical delta shows as a conflict. A zero weight still
             touches positions but has no sign.
+        method, method_options: the combination the report is for (validated, and shown in its header): the
+            overlap is that of the inputs, which is where the methods differ.
+        force: report on deltas whose base fingerprints disagree.
 
     Returns:
         An OverlapReport with one ParamOverlap per parameter, in first-seen order.
     """
-    weights = _resolve_weights(deltas, weights)
-    common_base(deltas)  # overlap between deltas of different bases means nothing; refuse it the same way
+    from .inputs import validate_inputs
+
+    return overlap_inputs(
+        validate_inputs(deltas, weights=weights, method=method, method_options=method_options, force=force)
+    )
+
+
+def overlap_inputs(inputs: DeltaInputs) -> OverlapReport:
+    """:func:`overlap_report` on inputs already checked by :func:`deltahub.inputs.validate_inputs`."""
+    deltas, weights = inputs.deltas, inputs.weights
+    common_base(deltas, force=inputs.force)  # overlap between deltas of different bases means nothing
     names: dict[str, None] = {}
     for d in deltas:
         names.update(dict.fromkeys(d))
-    return OverlapReport(tuple(weights), tuple(_param_overlap(name, deltas, weights) for name in names))
+    return OverlapReport(
+        tuple(weights),
+        tuple(_param_overlap(name, deltas, weights) for name in names),
+        inputs.method,
+        dict(inputs.options),
+    )

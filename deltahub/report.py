@@ -135,6 +135,8 @@ class PlotResult:
     path: Path
     panels: list[str]
     left_out: list[str]
+    scales: dict[str, tuple[float, float]]  # colour scale per kind of panel ("density", "overlap")
+    layer_ticks: list[int]  # the x ticks: whole layer numbers
 
 
 def plot_summary(
@@ -157,7 +159,6 @@ def plot_summary(
         ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
     panels = [
@@ -178,6 +179,9 @@ def plot_summary(
         finite = [v for row in g.values for v in row if not math.isnan(v)]
         top[kind] = max([top.get(kind, 0.0), *finite])
     left_out = sorted({n for g in grids for n in g.left_out})
+    scales = {kind: (0.0, value or 1.0) for kind, value in top.items()}
+    layers = max((g.layers for g in grids), default=0)
+    ticks = list(range(0, layers, max(1, math.ceil(layers / 16))))  # at most 16, always whole layers
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.5 + 2.2 * len(panels)), squeeze=False)
     for ax, (title, kind, _), g in zip(axes[:, 0], panels, grids, strict=True):
         if not g.modules:
@@ -189,11 +193,11 @@ def plot_summary(
             aspect="auto",
             cmap="viridis",
             interpolation="nearest",
-            vmin=0.0,
-            vmax=top[kind] or 1.0,
+            vmin=scales[kind][0],
+            vmax=scales[kind][1],
         )
         ax.set_yticks(range(len(g.modules)), g.modules, fontsize=7)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xticks([t for t in ticks if t < g.layers])
         ax.set_xlabel("layer")
         ax.set_title(title, fontsize=9)
         fig.colorbar(image, ax=ax)
@@ -203,4 +207,4 @@ def plot_summary(
     fig.tight_layout(rect=(0, 0.03 if left_out else 0, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return PlotResult(path, [t for t, _, _ in panels], left_out)
+    return PlotResult(path, [t for t, _, _ in panels], left_out, scales, ticks)

@@ -3,6 +3,7 @@
 Hub fixtures (the server is deltahub/demo/localhub, which `deltahub demo` also starts): tests talk to a loopback
 Hub-compatible server through the real `huggingface_hub` client over HTTP.
 
+* ``_isolated_deltahub_cache`` (autouse): ``DELTAHUB_CACHE`` points at a temp folder shared by the session.
 * ``_isolated_hf_cache`` (autouse): every HF cache, token and state file points at a fresh temp folder, telemetry is
   off, and no real token leaks in. No test touches ~/.cache/huggingface.
 * ``hub_server`` (session): one `HubServer` on 127.0.0.1, repos in a temp folder. Users: ``HUB_USER`` (token
@@ -19,11 +20,13 @@ would with HF_ENDPOINT set in a user's shell.
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import HfApi, constants
 
 from deltahub.demo.localhub import HubServer
@@ -31,6 +34,28 @@ from deltahub.demo.localhub import HubServer
 HUB_USER, HUB_TOKEN = "alice", "hf_test_alice_0123456789"
 HUB_OTHER_USER, HUB_OTHER_TOKEN = "bob", "hf_test_bob_0123456789"
 HUB_ORG = "deltahub-org"
+
+
+def pytest_configure(config):
+    # Triton's interpreter runs the GPU kernels on CPU tensors, but only if TRITON_INTERPRET is set before triton
+    # is first imported (transformers imports it with its models, at collection). Where there is a GPU, the
+    # cuda tier runs the compiled kernels instead and the interpreter stays off.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """Run Triton kernels on CPU tensors through Triton's interpreter; skip where it cannot (triton missing, or
+    a GPU machine, where the cuda tier runs the compiled kernels)."""
+    from training import sddmm
+
+    problem = sddmm.triton_unavailable()
+    if problem is None:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        problem = sddmm.interpreter_problem()
+    if problem:
+        pytest.skip(f"the Triton kernel {problem}")
 
 
 @pytest.fixture(autouse=True)
@@ -70,6 +95,31 @@ def _isolated_hf_cache(tmp_path_factory, monkeypatch):
     ):
         monkeypatch.delenv(name, raising=False)
     return home
+
+
+@pytest.fixture(scope="session")
+def _deltahub_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("deltahub_cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_deltahub_cache(_deltahub_cache, monkeypatch):
+    """deltahub's own cache (the compiled kernel, the demo's converted model) in a temp folder for the session,
+    never the user's ~/.cache/deltahub; one per session, so the kernel compiles once."""
+    monkeypatch.setenv("DELTAHUB_CACHE", str(_deltahub_cache))
+    return _deltahub_cache
+
+
+@pytest.fixture(autouse=True)
+def _progress_bars_back_on():
+    """`--quiet` turns huggingface_hub's and transformers' bars off process-wide (as a CLI run should); an
+    in-process CLI test must not leave them off for the tests after it."""
+    yield
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    enable_progress_bars()
+    hf_logging.enable_progress_bar()
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,7 @@ def test_apply_matches_dense_reference_within_one_ulp(dtype):
     base = snapshot(model)
     deltas = [random_delta(model, 0.1, seed=s) for s in range(3)]
     weights = [1.0, -0.5, 2.0]
-    apply_deltas(model, deltas, weights)
+    apply_deltas(model, deltas, weights=weights)
     after = model.state_dict()
     touched = set().union(*deltas)
     for name, w in base.items():
@@ -80,7 +80,7 @@ def test_weights_one_and_minus_one_give_back_the_base_bit_exactly(dtype):
     model = tiny_llama(dtype)
     base = snapshot(model)
     d = random_delta(model, 0.3, seed=4, scale=1.0)
-    apply_deltas(model, [d, d], [1.0, -1.0])
+    apply_deltas(model, [d, d], weights=[1.0, -1.0])
     assert_bit_identical(model, base)
 
 
@@ -93,7 +93,7 @@ def test_revert_is_bit_exact_after_stacking_three_deltas(dtype):
         h.revert()
     assert_bit_identical(model, base)
     # one call with three deltas reverts the same way
-    h = apply_deltas(model, [random_delta(model, 0.2, seed=s) for s in range(3)], [0.3, 1.0, -2.0])
+    h = apply_deltas(model, [random_delta(model, 0.2, seed=s) for s in range(3)], weights=[0.3, 1.0, -2.0])
     h.revert()
     assert_bit_identical(model, base)
 
@@ -110,6 +110,80 @@ def test_reverting_out_of_order_is_refused_unless_forced():
     assert_bit_identical(model, base)
     with pytest.raises(RevertError, match="already reverted"):
         first.revert()
+
+
+def test_force_reverts_out_of_order_writing_back_the_saved_originals():
+    model = tiny_llama()
+    base = snapshot(model)
+    d1 = random_delta(model, 0.5, seed=1)
+    first = apply_deltas(model, d1)
+    d2 = random_delta(model, 0.5, seed=2)  # made on the model as it now is
+    second = apply_deltas(model, d2)
+    both = snapshot(model)
+    with pytest.raises(RevertError, match=r"revert deltas applied later first.*revert\(force=True\)"):
+        first.revert()
+    assert first.active  # refused: still active, nothing written
+    assert_bit_identical(model, both)
+    first.revert(force=True)
+    assert not first.active
+    state = model.state_dict()
+    for name, p in d1.items():
+        # the first delta's positions hold the base again; every other position keeps what the second wrote
+        expected = both[name].clone().view(-1)
+        expected[p.indices] = base[name].view(-1)[p.indices]
+        assert torch.equal(state[name].view(-1), expected), name
+    for name in set(d2) - set(d1):
+        assert torch.equal(state[name], both[name]), name
+    assert second.active
+
+
+def test_non_contiguous_targets_match_a_dense_reference_and_revert_exactly():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 6, generator=gen).t()  # a transposed view: shape (6, 8), not contiguous
+    other = torch.randn(4, 10, generator=gen)[:, ::2]  # a strided slice: shape (4, 5)
+    assert not weight.is_contiguous() and not other.is_contiguous()
+    target = {"w": weight, "o": other}
+    before = {k: v.clone() for k, v in target.items()}
+    delta = SparseDelta(
+        {
+            "w": ParamDelta(torch.tensor([0, 7, 9, 47]), torch.tensor([1.0, -2.0, 0.5, 3.0]), (6, 8), torch.float32),
+            "o": ParamDelta(torch.tensor([1, 4, 19]), torch.tensor([0.25, -1.0, 2.0]), (4, 5), torch.float32),
+        }
+    )
+    handle = apply_deltas(target, delta, force=True)
+    for name, p in delta.items():
+        reference = before[name].contiguous().view(-1).clone()  # flat row-major positions of the logical shape
+        reference[p.indices] += p.values
+        assert torch.equal(target[name].contiguous().view(-1), reference), name
+    assert target["w"].data_ptr() == weight.data_ptr()  # changed in place, through the view
+    handle.revert()
+    for name in target:
+        assert torch.equal(target[name], before[name])
+
+
+def test_a_model_on_the_meta_device_is_refused_even_with_force():
+    from transformers import LlamaForCausalLM
+
+    real = tiny_llama()
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(real.config)
+    d = random_delta(real, 0.1)
+    for force in (False, True):
+        with pytest.raises(BaseMismatchError, match="is on the meta device; load the base weights before applying"):
+            apply_deltas(meta, d, force=force)
+
+
+def test_check_base_lists_ten_problems_and_counts_the_rest():
+    model, other = tiny_llama(seed=0), tiny_llama(seed=1)
+    d = random_delta(model, 0.1)
+    assert len(d) > 10
+    with pytest.raises(BaseMismatchError) as info:
+        apply_deltas(other, d)
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith(f"the deltas were made on a different base ({len(d)} parameters differ)")
+    assert len(lines) == 1 + 10 + 1
+    assert lines[-1] == f"  - ... and {len(d) - 10} more"
+    assert len(info.value.problems) == 11
 
 
 def test_context_manager_reverts_on_exit():
@@ -191,7 +265,7 @@ def test_missing_and_misshapen_parameters_refused_even_with_force():
 def test_weights_must_pair_with_deltas():
     model = tiny_llama()
     with pytest.raises(ValueError, match="got 2 weights for 1 deltas"):
-        apply_deltas(model, [random_delta(model)], [1.0, 2.0])
+        apply_deltas(model, [random_delta(model)], weights=[1.0, 2.0])
 
 
 def test_load_model_applies_saved_deltas_at_load_time(tmp_path):
@@ -200,7 +274,7 @@ def test_load_model_applies_saved_deltas_at_load_time(tmp_path):
     d1, d2 = random_delta(model, 0.1, seed=1, scale=0.3), random_delta(model, 0.1, seed=2, scale=0.3)
     save_delta(d1, tmp_path / "d1")
     loaded = load_model(str(tmp_path / "base"), [tmp_path / "d1", d2], weights=[1.0, -0.5])
-    apply_deltas(model, [d1, d2], [1.0, -0.5])
+    apply_deltas(model, [d1, d2], weights=[1.0, -0.5])
     x = tokens()
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)

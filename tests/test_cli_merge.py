@@ -220,3 +220,21 @@ def test_every_verb_has_examples_in_its_help():
         assert "Examples:" in out and f"deltahub {verb} " in out
     # option help comes from the method registry
     assert "ties: fraction of each delta's entries kept" in " ".join(run("merge", "--help").output.split())
+
+
+def test_the_plot_keeps_one_colour_scale_from_zero_whole_layer_ticks_and_lists_what_it_leaves_out(tmp_path):
+    from deltahub.report import plot_summary
+
+    def summary(source, densities):
+        params = {name: {"density": d} for name, d in densities.items()}
+        return {"source": source, "params": params}
+
+    layers = {f"model.layers.{i}.mlp.down_proj.weight": 0.05420 + 0.00001 * (i % 9) for i in range(40)}
+    first = summary("a", {**layers, "model.embed_tokens.weight": 0.5, "lm_head.weight": 0.01})
+    second = summary("b", {n: d / 2 for n, d in layers.items()})
+    result = plot_summary([first, second], None, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    # one scale for every density panel, from zero: 0.05420-0.05428 is one colour band, not the map's two ends
+    assert result.scales == {"density": (0.0, pytest.approx(0.05428))}
+    assert result.layer_ticks == list(range(0, 40, 3)) and all(isinstance(t, int) for t in result.layer_ticks)
+    assert result.left_out == ["lm_head.weight", "model.embed_tokens.weight"]

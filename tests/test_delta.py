@@ -79,10 +79,19 @@ def test_mapping_protocol_and_totals():
 
 
 def test_adding_deltas_of_different_bases_refused():
-    a = SparseDelta({"w": pd([0], [1.0])}, base_model="org/a")
-    b = SparseDelta({"w": pd([0], [1.0])}, base_model="org/b")
-    with pytest.raises(BaseMismatchError, match=r"'org/b'.*'org/a'"):
-        a + b
+    # The names differ but the fingerprints agree: one base, so they add (the name kept is the Hub id).
+    a = SparseDelta({"w": pd([0], [1.0])}, base_model="./models/base", fingerprint={"w": (0.5012,) * 8})
+    b = SparseDelta(
+        {"w": pd([0], [1.0])}, base_model="org/b", base_revision="abc", fingerprint={"w": (0.5012,) * 8}
+    )
+    total = a + b
+    assert (total.base_model, total.base_revision) == ("org/b", "abc") and total["w"].values.tolist() == [2.0]
+    # The same checkpoint loaded in bf16 agrees within one bf16 rounding; other values do not.
+    bf16 = SparseDelta({"w": pd([1], [1.0], dtype=torch.bfloat16)}, fingerprint={"w": (0.5,) * 8})
+    assert (a + bf16).nnz == 2
+    c = b.replace(fingerprint={"w": (0.5012,) * 7 + (0.25,)})
+    with pytest.raises(BaseMismatchError, match=r"w: delta 1 was made on base values"):
+        a + c
     c = SparseDelta({"w": pd([0], [1.0], shape=(5, 2))})
     with pytest.raises(BaseMismatchError, match=r"w: delta 1 has shape \[5, 2\]"):
         a + c

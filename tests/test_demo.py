@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -53,13 +54,16 @@ def test_fast_demo_runs_end_to_end_and_its_claims_hold(tmp_path):
     import deltahub
 
     out = tmp_path / "demo"
+    # HF_HUB_OFFLINE=1, as an offline user has it: the demo's loopback Hub is not the network.
     proc = subprocess.run(
         [sys.executable, "-m", "deltahub.cli", "demo", "--fast", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=400,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
     stdout = proc.stdout
 
     # every step ran as the command a user would type, printed first
@@ -72,7 +76,12 @@ def test_fast_demo_runs_end_to_end_and_its_claims_hold(tmp_path):
     table = _table(stdout)
     task_a, task_b = (t for t in table["base"])
     repos = sorted(p.name for p in (out / "hub" / "repos" / "demo").iterdir())
-    assert repos == sorted(f"deltahub-demo-{t}" for t in (task_a, task_b))
+    assert repos == sorted(["deltahub-demo-tiny-base", *(f"deltahub-demo-{t}" for t in (task_a, task_b))])
+    # the deltas name the base by its id on that Hub, never by a local path, and one loads by its id alone
+    for task in (task_a, task_b):
+        assert load_delta(out / "deltas" / task).base_model == "demo/deltahub-demo-tiny-base"
+    assert re.search(r"^\s+base .*deltahub-demo-tiny-base \+ demo/deltahub-demo-\S+ ok$", stdout, re.M)
+    assert str(tmp_path) not in (out / "pulled" / task_a / "delta_config.json").read_text()
     for task in (task_a, task_b):
         trained = sorted((out / "deltas" / task).glob("*.safetensors"))
         assert trained
@@ -117,6 +126,7 @@ def test_fast_demo_runs_end_to_end_and_its_claims_hold(tmp_path):
     assert "Repeat each step by hand:" in stdout
 
 
+@pytest.mark.slow
 def test_demo_help_has_examples():
     proc = subprocess.run(
         [sys.executable, "-m", "deltahub.cli", "demo", "--help"], capture_output=True, text=True
@@ -125,6 +135,7 @@ def test_demo_help_has_examples():
     assert "scripts/demo.sh" in (ROOT / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_demo_refuses_to_replace_a_folder_it_did_not_make(tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -314,7 +315,13 @@ def test_bad_options_are_refused_with_the_expected_form(kwargs, message):
         quiet(sd, {"w": torch.ones(4)}, **kwargs)
 
 
-def test_progress_bar_can_be_on(capsys):
+def test_progress_bar_can_be_on(capsys, monkeypatch):
+    # tqdm hides its bar when stderr is not a terminal (capsys's is not): make it one, as a user's shell is.
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     sd = {"w": torch.zeros(4)}
     delta = extract_delta(sd, {"w": torch.ones(4)}, density=0.5, progress=True)
     assert delta.nnz == 2 and math.isclose(delta.density, 0.5)
+    err = capsys.readouterr().err
+    assert "extract" in err and "1/1" in err and "tensor" in err
+    extract_delta(sd, {"w": torch.ones(4)}, density=0.5, progress=False)
+    assert capsys.readouterr().err == ""

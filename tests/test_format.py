@@ -21,6 +21,7 @@ from format_helpers import (
     small_delta,
     write_by_hand,
 )
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny import random_delta, tiny_llama
@@ -296,16 +297,21 @@ def test_model_card(tmp_path):
     delta = small_delta()
     card = (save_delta(delta, tmp_path / "d") / "README.md").read_text()
     assert card == model_card(delta)
-    front = card.split("---\n")[1]
-    # the training algorithm from the provenance is a tag too
-    assert (
-        front
-        == 'library_name: deltahub\nbase_model: "tiny/base"\ntags:\n- deltahub\n- sparse-delta\n- "rigl"\n'
-    )
-    assert "deltahub.load_model('tiny/base', deltas=['path/to/this-delta'])" in card
+    data = ModelCard(card).data  # built with huggingface_hub's ModelCardData
+    # the training algorithm from the provenance is a tag too; a Hub base is linked as the delta's base
+    assert data.to_dict() == {
+        "library_name": "deltahub",
+        "base_model": "tiny/base",
+        "base_model_relation": "adapter",
+        "tags": ["deltahub", "sparse-delta", "rigl"],
+    }
+    assert "deltahub.load_model(deltas=['path/to/this-delta'])" in card  # the base it records, by id
+    assert "deltahub.load_model('tiny/base', deltas=['path/to/this-delta']" in card
     assert "- nnz: 6 of 16 elements" in card and "- density: 0.375" in card
     anonymous = model_card(SparseDelta({W: pd([1], [1.0], (4,))}), location="me/my-delta")
     assert "base_model" not in anonymous and "deltas=['me/my-delta']" in anonymous
+    local = model_card(small_delta().replace(base_model="/models/base"), location="me/my-delta")
+    assert "base_model" not in ModelCard(local).data.to_dict()  # a path is not a Hub id
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,11 +24,14 @@ from deltahub.errors import (
     HubRevisionNotFoundError,
     NotADeltaError,
 )
-from deltahub.hub import load_hub_delta, parse_delta_ref, pull_delta, push_delta
-from deltahub.sources import resolve_delta
+from deltahub.hub import parse_delta_ref, pull_delta, push_delta
 
 # The client's own LFS upload (lfs._upload_single_part) passes `data=<file>` to httpx2, which deprecates it.
-pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
+# Every test also talks to the loopback Hub server (a server, threads, HTTP): slow.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning"),
+    pytest.mark.slow,
+]
 
 BASE_ID = "tiny/llama"
 
@@ -89,14 +92,14 @@ def test_push_then_pull_is_bit_identical(hub_env, tmp_path):
     }
     assert "deltas=['" + repo_id + "']" in (pulled / "README.md").read_text()
     # The same bytes give the same delta; its origin pins the commit.
-    delta = resolve_delta(repo_id)
+    delta = load_delta(repo_id)
     assert delta.equal(load_delta(folder))
     assert delta.origin == {"repo_id": repo_id, "revision": "main", "commit": result.sha, "path": str(pulled)}
 
     # A SparseDelta object is pushed the same way (saved to a temporary folder first).
     obj_repo = hub_env.new_repo_id("from-object")
     push_delta(make_delta(3), obj_repo)
-    assert load_hub_delta(obj_repo).equal(make_delta(3))
+    assert load_delta(obj_repo).equal(make_delta(3))
 
 
 def test_second_push_is_a_new_commit_and_old_revisions_stay(hub_env, tmp_path):
@@ -114,11 +117,11 @@ def test_second_push_is_a_new_commit_and_old_revisions_stay(hub_env, tmp_path):
         "delta.safetensors",
         "delta_config.json",
     ]
-    assert load_hub_delta(repo_id).equal(make_delta(2))
+    assert load_delta(repo_id).equal(make_delta(2))
     for ref in [f"{repo_id}@v1", f"{repo_id}@{first.sha}"]:
-        old = load_hub_delta(ref)
+        old = load_delta(ref)
         assert old.equal(make_delta(1)) and old.origin["commit"] == first.sha
-    assert load_hub_delta(f"{repo_id}@v1").origin["revision"] == "v1"
+    assert load_delta(f"{repo_id}@v1").origin["revision"] == "v1"
 
 
 def test_branch_push_pull_and_pull_request(hub_env, tmp_path):
@@ -127,14 +130,14 @@ def test_branch_push_pull_and_pull_request(hub_env, tmp_path):
     exp = push_delta(saved(tmp_path, "exp", seed=2), repo_id, revision="exp")  # created from main
     assert exp.revision == "exp" and exp.sha != main.sha
     assert {b.name for b in hub_env.api.list_repo_refs(repo_id).branches} == {"main", "exp"}
-    assert load_hub_delta(repo_id).equal(make_delta(1))
-    assert load_hub_delta(f"{repo_id}@exp").equal(make_delta(2))
+    assert load_delta(repo_id).equal(make_delta(1))
+    assert load_delta(f"{repo_id}@exp").equal(make_delta(2))
     assert pull_delta(repo_id, revision="exp").name == exp.sha
 
     pr = push_delta(saved(tmp_path, "pr", seed=3), repo_id, create_pr=True)
     assert pr.pr_url and pr.revision == "refs/pr/1"
-    assert load_hub_delta(f"{repo_id}@refs/pr/1").equal(make_delta(3))
-    assert load_hub_delta(repo_id).equal(make_delta(1))  # main untouched by the pull request
+    assert load_delta(f"{repo_id}@refs/pr/1").equal(make_delta(3))
+    assert load_delta(repo_id).equal(make_delta(1))  # main untouched by the pull request
 
     hub_env.api.create_tag(repo_id, tag="frozen")
     with pytest.raises(ValueError, match="'frozen' is a tag; commits go to a branch"):
@@ -146,7 +149,7 @@ def test_private_repo_needs_the_right_token(hub_env, tmp_path):
     repo_id = hub_env.new_repo_id("private")
     push_delta(folder, repo_id, private=True, token=hub_env.token)
     assert hub_env.api.model_info(repo_id).private
-    assert load_hub_delta(repo_id, token=hub_env.token).equal(load_delta(folder))
+    assert load_delta(repo_id, token=hub_env.token).equal(load_delta(folder))
 
     # Fresh caches: a cached copy would be served (huggingface_hub falls back to it on auth errors too).
     with pytest.raises(HubRepoNotFoundError) as err:
@@ -191,7 +194,7 @@ def test_missing_repo_revision_files_and_not_a_delta(hub_env, tmp_path):
         pull_delta(repo_id, revision="nope", local_dir=tmp_path / "out")
     assert err.value.revision == "nope" and isinstance(err.value, LookupError)
     with pytest.raises(HubRevisionNotFoundError):
-        load_hub_delta(f"{repo_id}@{'0' * 40}")
+        load_delta(f"{repo_id}@{'0' * 40}")
 
     # A shard deleted on the Hub: the format check names the repo and the missing file.
     shard = next(f for f in files_at(hub_env, repo_id) if f.startswith("delta-00002"))
@@ -211,13 +214,13 @@ def test_missing_repo_revision_files_and_not_a_delta(hub_env, tmp_path):
     with pytest.raises(
         NotADeltaError, match=f"{model_repo}@main is not a deltahub delta: it has no delta_config.json"
     ):
-        load_hub_delta(model_repo)
+        load_delta(model_repo)
 
     # A string that is neither a local path nor a Hub id keeps the old message; a Hub miss mentions both.
     with pytest.raises(FileNotFoundError, match=r"no delta at '\./nowhere'"):
-        resolve_delta("./nowhere")
+        load_delta("./nowhere")
     with pytest.raises(HubRepoNotFoundError, match=f"no local path '{missing}' exists either"):
-        resolve_delta(missing)
+        load_delta(missing)
 
 
 def test_model_card_is_valid_hub_metadata(hub_env, tmp_path):
@@ -231,8 +234,9 @@ def test_model_card_is_valid_hub_metadata(hub_env, tmp_path):
     assert card.data.tags == ["deltahub", "sparse-delta", "rigl"] and card.data.license == "apache-2.0"
     info = hub_env.api.model_info(repo_id)  # what the Hub indexed from the front matter
     assert info.library_name == "deltahub" and info.card_data["base_model"] == BASE_ID
-    assert f"deltahub.load_model('{BASE_ID}', deltas=['{repo_id}'])" in text
-    assert f"deltahub merge {BASE_ID} {repo_id} --out merged" in text
+    assert f"deltahub.load_model(deltas=['{repo_id}'])" in text
+    assert f"deltahub.load_model('{BASE_ID}', deltas=['{repo_id}'], revision='abc123')" in text
+    assert f"deltahub merge {BASE_ID}@abc123 {repo_id} --out merged" in text
     assert "- base model: `tiny/llama` at revision `abc123`" in text and '"steps": 100' in text
     name, p = next(iter(delta.items()))
     assert f"| `{name}` | {'x'.join(map(str, p.shape))} | {p.nnz:,} | {p.density:.4g} |" in text
@@ -275,9 +279,9 @@ def test_offline_mode_serves_the_cache(hub_env, tmp_path, monkeypatch):
     requests_before = len(hub_env.server.log_lines)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
     assert pull_delta(repo_id, revision="v1") == cached
-    delta = resolve_delta(f"{repo_id}@v1")
+    delta = load_delta(f"{repo_id}@v1")
     assert delta.equal(make_delta(1)) and delta.origin["commit"] == first.sha
-    assert load_hub_delta(f"{repo_id}@{first.sha}").origin["path"] == str(cached)
+    assert load_delta(f"{repo_id}@{first.sha}").origin["path"] == str(cached)
     with pytest.raises(HubConnectionError, match="is not in the local cache and offline mode is on"):
         pull_delta(repo_id, revision="other")
     with pytest.raises(HubConnectionError, match="needs the network and offline mode is on"):
@@ -353,6 +357,19 @@ def test_cli_push_and_pull_as_subprocesses(hub_env, tmp_path):
     pull = _cli("pull", f"{repo_id}@main", "--out", str(out), "--token", hub_env.token, env=env)
     assert pull.returncode == 0, pull.stderr
     assert pull.stdout.strip().splitlines()[-1] == str(out) and delta_bytes(out) == delta_bytes(folder)
+
+    # --quiet: no bar from deltahub, huggingface_hub (uploads, "Fetching N files") or transformers; pull still
+    # prints its one result, the folder
+    changed = saved(tmp_path, "d2", seed=5)  # a real change: an unchanged push makes the client log a note
+    quiet_push = _cli("push", str(changed), repo_id, "--quiet", "--token", hub_env.token, env=env)
+    assert quiet_push.returncode == 0 and quiet_push.stdout == "" and quiet_push.stderr == ""
+    quiet_pull = _cli(
+        "pull", repo_id, "--out", str(tmp_path / "quiet"), "--quiet", "--token", hub_env.token, env=env
+    )
+    assert quiet_pull.returncode == 0 and quiet_pull.stderr == ""
+    assert quiet_pull.stdout == f"{tmp_path / 'quiet'}\n"
+    loud_pull = _cli("pull", repo_id, "--out", str(tmp_path / "loud"), "--token", hub_env.token, env=env)
+    assert "Fetching" in loud_pull.stderr  # what --quiet silenced: huggingface_hub's own bar
 
     # No token: the private repo is invisible. One `error:` line, exit code 3, no traceback, nothing written.
     home = tmp_path / "fresh-home"  # no cached copy (one would be served when the Hub refuses)

@@ -35,7 +35,11 @@ from safetensors.numpy import save_file
 from deltahub.demo.localhub import HubServer
 
 # The client's own LFS upload (lfs._upload_single_part) passes `data=<file>` to httpx2, which deprecates it.
-pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
+# Every test talks to the loopback Hub server (a server, threads, HTTP): slow.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning"),
+    pytest.mark.slow,
+]
 
 
 def _make_folder(root: Path, seed: int = 0) -> Path:

@@ -39,16 +39,16 @@ def test_hand_counts_with_unit_weights():
 
 def test_weights_sign_the_values():
     # C negated: 0: + +;  2: - +;  4: + - -;  8: - +  -> conflicts at 2, 4, 8.
-    report = overlap_report([A, B, C], [1.0, 0.5, -1.0])
+    report = overlap_report([A, B, C], weights=[1.0, 0.5, -1.0])
     assert (report["w"].overlap, report["w"].sign_conflicts) == (4, 3)
     # Subtracting a delta from itself conflicts everywhere; a zero weight touches but has no sign.
-    assert overlap_report([A, A], [1.0, -1.0])["w"].sign_conflicts == 4
-    zero = overlap_report([A, A], [1.0, 0.0])
+    assert overlap_report([A, A], weights=[1.0, -1.0])["w"].sign_conflicts == 4
+    zero = overlap_report([A, A], weights=[1.0, 0.0])
     assert (zero["w"].overlap, zero["w"].sign_conflicts) == (4, 0)
 
 
 def test_to_dict_is_json_serialisable():
-    d = json.loads(json.dumps(overlap_report([A, B, C], [1, 0.5, -1]).to_dict()))
+    d = json.loads(json.dumps(overlap_report([A, B, C], weights=[1, 0.5, -1]).to_dict()))
     assert d["num_deltas"] == 3 and d["weights"] == [1.0, 0.5, -1.0]
     assert d["params"]["w"] == {"numel": 10, "nnz": [4, 4, 4], "overlap": 4, "sign_conflicts": 3}
     assert d["totals"] == {
@@ -102,9 +102,16 @@ def test_huge_parameter_is_not_densified():
 
 def test_validation():
     with pytest.raises(ValueError, match="got 1 weights for 2 deltas"):
-        overlap_report([A, B], [1.0])
-    with pytest.raises(BaseMismatchError, match="different base"):
-        overlap_report([A.replace(base_model="x"), B.replace(base_model="y")])
+        overlap_report([A, B], weights=[1.0])
+    assert (
+        overlap_report([A.replace(base_model="x"), B.replace(base_model="y")]).overlap == 3
+    )  # names: info only
+    x, y = A.replace(fingerprint={"b": (1.0,)}), B.replace(fingerprint={"b": (2.0,)})
+    with pytest.raises(BaseMismatchError, match="different base weights"):
+        overlap_report([x, y])
+    assert overlap_report([x, y], force=True).overlap == 3
+    with pytest.raises(TypeError, match=r"force must be True or False; got 3\.0"):
+        overlap_report([x, y], force=3.0)
     with pytest.raises(KeyError, match="no parameter 'zzz'"):
         overlap_report([A])["zzz"]
     assert isinstance(overlap_report([A]), OverlapReport)

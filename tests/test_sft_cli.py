@@ -14,6 +14,9 @@ from tiny import chat_tokenizer, save_char_tokenizer, tiny_llama, tokens
 import deltahub
 from deltahub.cli import main
 
+# `deltahub train` as a subprocess
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):
@@ -35,8 +38,12 @@ def run_here(*args):
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
-@pytest.mark.parametrize("algorithm", ["rigl", "sm3"])
-def test_train_writes_a_delta_that_lowers_the_loss(tmp_path, base_folder, algorithm):
+@pytest.mark.parametrize(
+    ("algorithm", "placement"),
+    [("rigl", ["--device", "cpu", "--gradient-checkpointing"]), ("sm3", ["--bf16"])],
+    ids=["rigl-cpu-checkpointing", "sm3-bf16-autocast"],
+)
+def test_train_writes_a_delta_that_lowers_the_loss(tmp_path, base_folder, algorithm, placement):
     text = tmp_path / "data.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
     out = tmp_path / "delta"
@@ -62,6 +69,7 @@ def test_train_writes_a_delta_that_lowers_the_loss(tmp_path, base_folder, algori
         "--reselection-steps",
         10,
         "--quiet",
+        *placement,
     )
     assert proc.returncode == 0, proc.stderr
     before, after = map(float, proc.stdout.split("held-out loss ")[1].split(";")[0].split(" -> "))
@@ -263,3 +271,26 @@ def test_fsdp_under_a_launcher_matches_one_process(
         torch.testing.assert_close(got[name].values, reference[name].values, rtol=1e-4, atol=1e-6)
     got_before, got_after = held_out(proc.stdout)
     assert got_before == pytest.approx(before, abs=1e-4) and got_after == pytest.approx(after, abs=1e-4)
+
+
+def test_device_values_are_checked():
+    from training.cli import resolve_device
+    from training.errors import SftConfigError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "cuda:x", "cpu:0:1"):
+        with pytest.raises(SftConfigError, match=r"is not a device; use auto, cpu, cuda or cuda:N"):
+            resolve_device(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: --device cuda works here")
+def test_device_cuda_without_a_gpu_is_a_one_line_error(tmp_path, base_folder):
+    text = tmp_path / "data.txt"
+    text.write_text("abc " * 500)
+    proc = run("train", base_folder, text, "--out", tmp_path / "d", "--device", "cuda")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr  # one line
+    assert proc.stderr.startswith("error: --device cuda needs a CUDA GPU, but torch sees none")
+    assert not (tmp_path / "d").exists()

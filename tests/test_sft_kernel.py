@@ -65,6 +65,7 @@ def test_the_kernel_can_be_switched_off_silently(fresh_library, monkeypatch):
         assert kernels.library() is None
 
 
+@pytest.mark.slow
 def test_the_kernel_is_built_once_into_the_cache(fresh_library, tmp_path):
     if kernels.library() is None:
         pytest.skip("no C compiler with OpenMP here: the CPU kernel cannot be built")

@@ -7,7 +7,7 @@ from tiny import tiny_gpt2, tiny_llama, tokens
 from torch import nn
 
 import deltahub
-import training.layer as layer_module
+import training.sddmm as sddmm_module
 from training import SftConfig, get_sft_model, kernels, unwrap_sft_model
 from training.layer import SftLayerMixin
 
@@ -44,16 +44,19 @@ def _dense_reference_grads(model, batch):
     return {name: effective[name].grad.view(-1)[layer.sft_indices] for name, layer in layers.items()}
 
 
-@pytest.mark.parametrize("path", ["kernel", "sddmm", "dense"])
+@pytest.mark.parametrize("path", ["kernel", "sddmm", "dense", "triton"])
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama-linear", "gpt2-conv1d"])
-def test_values_gradient_equals_dense_computation(make, path, monkeypatch):
+def test_values_gradient_equals_dense_computation(make, path, monkeypatch, request):
     # every way of computing the sampled gradient, whatever the size rules would pick for these tiny weights
     if path == "kernel" and kernels.library() is None:
         pytest.skip("no C compiler with OpenMP here: the CPU kernel cannot be built")
-    monkeypatch.setattr(layer_module, "KERNEL_MAX_DENSITY", 1.0 if path == "kernel" else 0.0)
-    monkeypatch.setattr(layer_module, "KERNEL_MIN_NUMEL", 0)
-    monkeypatch.setattr(layer_module, "SDDMM_MIN_NUMEL", 0)
-    monkeypatch.setattr(layer_module, "SDDMM_MAX_DENSITY", 1.0 if path == "sddmm" else 0.0)
+    if path == "triton":  # forced through the public switch; on CPU it runs in Triton's interpreter
+        request.getfixturevalue("triton_interpreter")
+        monkeypatch.setenv("DELTAHUB_SDDMM_KERNEL", "triton")
+    monkeypatch.setattr(sddmm_module, "KERNEL_MAX_DENSITY", 1.0 if path == "kernel" else 0.0)
+    monkeypatch.setattr(sddmm_module, "KERNEL_MIN_NUMEL", 0)
+    monkeypatch.setattr(sddmm_module, "SDDMM_MIN_NUMEL", 0)
+    monkeypatch.setattr(sddmm_module, "SDDMM_MAX_DENSITY", 1.0 if path == "sddmm" else 0.0)
     model = get_sft_model(make(), SftConfig(density=0.05, seed=1))
     with torch.no_grad():
         for layer in model.sft_layers.values():

@@ -99,8 +99,38 @@ def test_moved_slots_get_seeded_adam_state_and_kept_slots_keep_theirs():
     assert torch.equal(state["age"][moved], torch.full((int(moved.sum()),), 2, dtype=torch.int32))
     torch.testing.assert_close(state["exp_avg"][moved] / (1 - 0.9**2), mean)
     torch.testing.assert_close(state["exp_avg_sq"][moved] / (1 - 0.99**2), mean * mean)
-    # a dropped position grown again keeps its slot state (here: never stepped)
-    assert torch.equal(state["age"][~moved], torch.zeros(int((~moved).sum()), dtype=torch.int32))
+
+
+def test_a_regrown_position_keeps_its_slot_state():
+    """At a rate-1 reselection every slot is dropped; positions grown again must keep the Adam state they had
+    (by position, wherever their slot moved), not restart from the window's seed."""
+    model, layer = one_layer(k=12, selection_accumulation_steps=2, reselection_steps=4)
+    opt = SftAdamW([layer.sft_values], lr=0.1, betas=(0.9, 0.99))
+    selector = SftSelector(model, opt, total_update_steps=20)
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(6, 8, generator=gen)
+    for step in (1, 2):
+        layer.sft_observer(g)
+        layer.sft_values.grad = torch.randn(12, generator=gen)  # real optimizer steps: non-zero state
+        opt.step()
+        opt.zero_grad()
+        if step == 2:
+            state = opt.state[layer.sft_values]
+            before = {
+                pos: (int(state["age"][i]), float(state["exp_avg"][i]), float(state["exp_avg_sq"][i]))
+                for i, pos in enumerate(layer.sft_indices.tolist())
+            }
+        selector.step()  # step 2 ends the window: the first reselection (rate 1)
+    assert all(age == 2 and m != 0.0 and v > 0.0 for age, m, v in before.values())
+    state = opt.state[layer.sft_values]
+    after = {
+        pos: (int(state["age"][i]), float(state["exp_avg"][i]), float(state["exp_avg_sq"][i]))
+        for i, pos in enumerate(layer.sft_indices.tolist())
+    }
+    regrown = set(before) & set(after)
+    assert regrown  # the gradient of the window regrows some of the stepped positions
+    for pos in regrown:
+        assert after[pos] == before[pos], pos
 
 
 def test_sm3_grows_the_largest_row_times_column_score():
@@ -151,6 +181,7 @@ def test_sm3_selection_needs_the_sm3_optimizer():
         SftSM3([layer.sft_values], model.active_deltas(), betas=(0.9, 0.99))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["rigl", "sm3"])
 def test_positions_stay_unique_and_on_budget_through_real_training(algorithm):
     from tiny import tiny_llama, tokens

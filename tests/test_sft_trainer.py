@@ -13,6 +13,9 @@ import deltahub
 from training import SftAdamW, SftConfig, SftSM3, SftStateError, SftTrainer
 from training.checkpoint import FILE_NAME, read_checkpoint
 
+# real Trainer runs
+pytestmark = pytest.mark.slow
+
 
 class Sequences(torch.utils.data.Dataset):
     """Counting sequences: a learnable task for a tiny model."""
@@ -30,7 +33,15 @@ class Sequences(torch.utils.data.Dataset):
 
 
 def make_trainer(
-    out, algorithm="rigl", max_steps=12, save_steps=5, grad_acc=1, density=0.03, lr=1e-2, model=None
+    out,
+    algorithm="rigl",
+    max_steps=12,
+    save_steps=6,
+    grad_acc=1,
+    density=0.03,
+    lr=1e-2,
+    model=None,
+    use_cpu=True,
 ):
     args = TrainingArguments(
         output_dir=str(out),
@@ -43,7 +54,7 @@ def make_trainer(
         logging_steps=100,
         report_to=[],
         disable_tqdm=True,
-        use_cpu=True,
+        use_cpu=use_cpu,
         seed=0,
         data_seed=0,
         dataloader_num_workers=0,
@@ -187,14 +198,14 @@ def test_push_to_hub_uploads_the_delta_and_the_full_model_on_request(tmp_path, h
     result = model.push_to_hub(repo_id)
     assert result.repo_id == repo_id
     assert "delta_config.json" in hub_env.api.list_repo_files(repo_id)
-    _same_delta(deltahub.load_hub_delta(repo_id), model.to_delta())
+    _same_delta(deltahub.load_delta(repo_id), model.to_delta())
     full_repo = hub_env.new_repo_id("sft-full")
     model.push_to_hub(full_repo, full_model=True)
     files = set(hub_env.api.list_repo_files(full_repo))
     assert "model.safetensors" in files and "delta_config.json" not in files
     trainer.args.hub_model_id = hub_env.new_repo_id("sft-trainer")
     trainer.push_to_hub()  # the Trainer's own push: save_model (the delta) and its folder
-    pushed = deltahub.load_hub_delta(trainer.args.hub_model_id)
+    pushed = deltahub.load_delta(trainer.args.hub_model_id)
     _same_delta(pushed, model.to_delta())
     card = Path(hub_env.api.hf_hub_download(trainer.args.hub_model_id, "README.md"))
     assert "library_name: deltahub" in card.read_text(encoding="utf-8")  # deltahub's card, not the Trainer's

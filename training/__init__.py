@@ -11,6 +11,7 @@ Example:
     >>> delta = model.to_delta()
 """
 
+from .compat import TaskType, get_peft_config, get_peft_model
 from .config import SftConfig
 from .data import load_instruction_dataset
 from .errors import SftConfigError, SftStateError
@@ -29,6 +30,9 @@ __all__ = [
     "SftSelector",
     "SftStateError",
     "SftTrainer",
+    "TaskType",
+    "get_peft_config",
+    "get_peft_model",
     "get_sft_model",
     "load_instruction_dataset",
     "shard_sft_model",

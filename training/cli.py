@@ -10,10 +10,12 @@ from pathlib import Path
 
 import click
 
+from .run import resolve_device  # noqa: F401  (``--device``'s parser, here where the flag is)
+
 
 @click.command()
 @click.argument("base")
-@click.argument("dataset", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("dataset", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Delta folder to write.")
 @click.option("--density", type=float, default=None, help="Trainable values as a fraction of all parameters.")
 @click.option(
@@ -80,7 +82,7 @@ import click
 )
 @click.option(
     "--eval-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="A separate held-out file (instead of --eval-fraction).",
 )
@@ -94,6 +96,25 @@ import click
     help="Under torchrun/accelerate launch: shard the base across the processes with FSDP2 (default DDP).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where to train: auto (CUDA when there is a GPU, else CPU; under torchrun cuda:LOCAL_RANK), cpu, cuda "
+    "or cuda:N.",
+)
+@click.option("--bf16", is_flag=True, help="Compute in bfloat16 (torch.autocast); the weights keep --dtype.")
+@click.option(
+    "--gradient-checkpointing",
+    is_flag=True,
+    help="Recompute activations in the backward pass: less memory, ~30% more compute.",
+)
+@click.option(
+    "--base-model",
+    metavar="ID[@REV]",
+    help="The base's Hub id (and revision) to record in the delta, e.g. when BASE is a local copy of it "
+    "(default: BASE itself when it is a Hub id or a folder in the HF cache).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing delta folder at --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(
@@ -126,6 +147,10 @@ def train(
     dtype,
     fsdp,
     seed,
+    device,
+    bf16,
+    gradient_checkpointing,
+    base_model,
     overwrite,
     quiet,
 ):
@@ -139,9 +164,14 @@ def train(
     \b
     Examples:
       deltahub train ./smollm2 plays.txt --out ./shakespeare-delta --density 0.01 --max-steps 200
-      deltahub train ./smollm2-instruct chats.jsonl --out ./chat-delta --epochs 2 --seq-len 1024 --packing
+      deltahub train ./smollm2-instruct chats.jsonl --out ./chat-delta --epochs 2 --packing --eval-every 50
       deltahub train ./base data.parquet --out ./d --algorithm sm3 --num-tunable-weights 1000000 --lr 0.1
-      torchrun --nproc_per_node 2 -m deltahub.cli train ./base chats.jsonl --out ./d --fsdp
+      deltahub train ./base data.txt --out ./d --device cuda --bf16 --gradient-checkpointing
+      deltahub train ./llama plays.txt --out ./llama-delta --base-model meta-llama/Llama-3.2-1B@main  # a local copy of it
+
+    \b
+    On several processes (DDP, or FSDP2 with --fsdp; rank 0 writes the delta; see docs/training.md):
+      torchrun --nproc_per_node 2 -m deltahub.cli train ./base data.txt --out ./d --fsdp
     """
     import deltahub
     from deltahub._atomic import check_output
@@ -164,11 +194,21 @@ def train(
         values_dtype=values_dtype,
         seed=seed,
     )
+    if base_model is not None:
+        from deltahub.identity import parse_model_id
+
+        parse_model_id(base_model)  # a bad id fails before any training
     if not Path(base).is_dir():
         # Checked before transformers sees it: from_pretrained would try it as a Hub id and fail in 40 lines.
         raise PathNotFoundError(
             f"no model folder at {base!r}: `base` must be a local folder written by save_pretrained"
         )
+    for given, what in ((dataset, "dataset"), (eval_file, "eval_file")):
+        if given is not None and not given.is_file():
+            raise PathNotFoundError(
+                f"no dataset file at {str(given)!r}: `{what}` must be a .txt, .md, .jsonl, .json, .parquet or "
+                ".csv file"
+            )
     check_output(out, overwrite=overwrite, keyword="out")
     parsed_dtype = (
         deltahub._dtypes.parse_dtype(dtype, allowed=deltahub._dtypes.BASE_DTYPES, what="--dtype")
@@ -198,6 +238,10 @@ def train(
         dtype=parsed_dtype,
         seed=seed,
         fsdp=fsdp,
+        device=device,
+        bf16=bf16,
+        gradient_checkpointing=gradient_checkpointing,
+        base_model=base_model,
         quiet=quiet,
         log=click.echo,
     )

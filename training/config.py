@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,23 @@ from .errors import SftConfigError
 
 ALGORITHMS = ("rigl", "sm3")
 RATE_POLICIES = ("linear", "cosine")
+
+
+_IGNORED = ("task_type", "inference_mode")
+_noted = False
+
+
+def _note_ignored(task_type: Any, inference_mode: bool) -> None:
+    global _noted
+    if not _noted:
+        _noted = True
+        warnings.warn(
+            f"SftConfig ignores task_type={getattr(task_type, 'value', task_type)!r} and "
+            f"inference_mode={inference_mode!r} (accepted for code written for the SFT fork of peft): the "
+            "model is tuned in place whatever its head; load a trained delta with deltahub.load_model",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,10 @@ class SftConfig:
             the output embedding (LM head).
         values_dtype: dtype of the trainable values (float32 default, even on bf16 bases).
         seed: seeds the random initial positions.
+        task_type, inference_mode: accepted for code written for the SFT fork of peft
+            (``SftConfig(task_type=TaskType.CAUSAL_LM, inference_mode=False, ...)``) and ignored: the model is
+            tuned in place whatever its head, and a delta is loaded for inference with ``deltahub.load_model``.
+            A note says so once per process.
 
     Example:
         >>> SftConfig(density=0.01, selection_algorithm="sm3")
@@ -52,8 +74,12 @@ class SftConfig:
     target_modules: tuple[str, ...] | str | None = None
     values_dtype: Any = torch.float32
     seed: int = 0
+    task_type: Any = dataclasses.field(default=None, repr=False, compare=False)
+    inference_mode: bool = dataclasses.field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.task_type is not None or self.inference_mode:
+            _note_ignored(self.task_type, self.inference_mode)
         problems = []
 
         def number(value: Any, integral: bool = False) -> bool:
@@ -126,6 +152,8 @@ class SftConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields, for provenance and checkpoints."""
         out = dataclasses.asdict(self)
+        for ignored in _IGNORED:
+            out.pop(ignored)
         out["values_dtype"] = dtype_name(self.values_dtype)
         if isinstance(self.target_modules, tuple):
             out["target_modules"] = list(self.target_modules)

@@ -6,9 +6,10 @@ How it avoids the reference implementation's cost:
   values changed (an optimizer step bumps their autograd version counter). The forward is then a plain
   ``F.linear`` and ``grad_x = grad_y @ W`` is the same product a frozen model computes.
 - No dense weight gradient: the values' gradient is ``(grad_y^T @ x)`` sampled at the k positions, a sampled
-  dense-dense product (SDDMM): deltahub's kernel on CPU (``kernels.py``), ``torch.sparse.sampled_addmm``
-  elsewhere, or one dense product and a gather where that is faster (the rules below). The dense product is
-  always formed while RigL gathers selection statistics (``sft_observer`` set), and handed to the observer.
+  dense-dense product (SDDMM): deltahub's C kernel on CPU (``kernels.py``), its Triton kernel on CUDA
+  (``triton_sddmm.py``), ``torch.sparse.sampled_addmm``, or one dense product and a gather where that is
+  faster (``sddmm.py`` holds the rules and the ``DELTAHUB_SDDMM_KERNEL`` switch). The dense product is always
+  formed while RigL gathers selection statistics (``sft_observer`` set), and handed to the observer.
 
 The written weight equals what ``deltahub.apply_deltas`` gives for the exported delta on a fresh base (same
 float32 sum, rounded once), so exported deltas reproduce the trained model exactly.
@@ -16,14 +17,13 @@ float32 sum, rounded once), so exported deltas reproduce the trained model exact
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fsdp, kernels
+from . import fsdp, sddmm
 
 try:  # GPT-2 style models use transformers' Conv1D: a linear layer with a transposed [in, out] weight.
     from transformers.pytorch_utils import Conv1D
@@ -31,45 +31,6 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None
 
 Observer = Callable[[torch.Tensor], None]
-
-# On CPU, deltahub's own kernel (training/kernels.py) computes the sampled product where it beats one dense
-# product plus a gather. Measured with benchmarks/sddmm.py on a 2-core Xeon (AVX-512, torch 2.13), 512-1024
-# tokens: 1.7-2.2x faster at 5% density on 512x512 to 1536x576 weights, 3-3.8x at 1%, even at 10-15%, slower
-# above; no reliable gain on weights under ~256K elements (192x576 at 5%: 0.95-1.34x over three runs).
-KERNEL_MAX_DENSITY = 0.08
-KERNEL_MIN_NUMEL = 1 << 18
-# Elsewhere (CUDA, or no C compiler), torch.sparse.sampled_addmm where it beats the dense product. Measured on
-# the same CPU: its transposed operand copies cost ~2 ms, so it wins only on weights of 512K+ elements below
-# ~3% density (3.1 vs 5.0 ms at 1% on 1376x512; 5.7 vs 4.9 ms at 5%). Not yet measured on CUDA. Either way
-# only the active positions' gradient is kept.
-SDDMM_MAX_DENSITY = 0.03
-SDDMM_MIN_NUMEL = 1 << 19
-
-
-class _Pattern:
-    """The active positions of one weight, sorted row-major along its longer side (``flipped``: the
-    [cols, rows] view of the weight), with ``perm`` mapping slot order to that order."""
-
-    def __init__(self, perm, rows, cols, shape, flipped):
-        self.perm, self.rows, self.cols, self.shape, self.flipped = perm, rows, cols, shape, flipped
-        self._int32 = self._csr = None
-
-    def int32(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._int32 is None:
-            self._int32 = (self.rows.to(torch.int32), self.cols.to(torch.int32))
-        return self._int32
-
-    def csr(self) -> torch.Tensor:
-        if self._csr is None:
-            n_rows = self.shape[0]
-            crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=self.rows.device)
-            torch.cumsum(torch.bincount(self.rows, minlength=n_rows), 0, out=crow[1:])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-                self._csr = torch.sparse_csr_tensor(
-                    crow, self.cols, torch.zeros(self.rows.numel(), device=self.rows.device), self.shape
-                )
-        return self._csr
 
 
 class SftLayerMixin:
@@ -111,18 +72,10 @@ class SftLayerMixin:
     def sft_mark_synced(self) -> None:
         self._sft_synced_version = self.sft_values._version
 
-    def sft_pattern(self) -> _Pattern:
+    def sft_pattern(self) -> sddmm.Pattern:
         """The active positions sorted for the sampled products (cached until the positions change)."""
         if self._sft_pattern is None:
-            rows, cols = self.sft_matrix_shape
-            # Sorted along the longer side: the kernels walk the positions row by row and run fastest with
-            # more, shorter rows (measured on a 2-core Xeon: half the time for 512 x 1376 weights).
-            flipped = cols > rows
-            r, c = self.sft_indices // cols, self.sft_indices % cols
-            if flipped:
-                rows, cols, r, c = cols, rows, c, r
-            perm = torch.argsort(r * cols + c)
-            self._sft_pattern = _Pattern(perm, r[perm], c[perm], (rows, cols), flipped)
+            self._sft_pattern = sddmm.Pattern(self.sft_indices, self.sft_matrix_shape)
         return self._sft_pattern
 
     def sft_invalidate_pattern(self) -> None:
@@ -165,6 +118,8 @@ if Conv1D is not None:
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if not torch.amp.is_autocast_available(device_type):  # e.g. meta: asking would raise
+        return None
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
@@ -202,46 +157,8 @@ class _SparseDeltaLinear(torch.autograd.Function):
         if needs_bias and ctx.has_bias:
             grad_bias = gy.sum(0).to(layer.bias.dtype)
         if needs_values:
-            grad_values = values_grad(layer, gy, x2d).to(layer.sft_values.dtype)
+            grad_values = sddmm.values_grad(layer, gy, x2d, ctx.compute_dtype).to(layer.sft_values.dtype)
         return grad_x, None, grad_bias, grad_values, None
-
-
-def values_grad(layer: SftLayerMixin, gy: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
-    """dL/dvalues = (dL/dW)[active positions], computed in float32 in slot order.
-
-    ``dL/dW`` is ``gy^T @ x`` for ``[out, in]`` weights and ``x^T @ gy`` for transposed ones.
-    """
-    a, b = (x2d.t(), gy) if layer.sft_transposed else (gy.t(), x2d)
-    a, b = a.to(torch.float32), b.to(torch.float32)
-    observer = layer.sft_observer
-    k = layer.sft_indices.numel()
-    numel = layer.weight.numel()
-    if observer is None:
-        kernel_fits = k <= KERNEL_MAX_DENSITY * numel and numel >= KERNEL_MIN_NUMEL
-        if a.device.type == "cpu" and kernel_fits and kernels.library() is not None:
-            pattern = layer.sft_pattern()
-            # the kernel samples P^T @ Q from token-major operands: for a @ b, P = a^T and Q = b (no copies)
-            p, q = (b, a.t()) if pattern.flipped else (a.t(), b)
-            return _to_slot_order(kernels.sampled_dot(p, q, *pattern.int32()), pattern.perm)
-        if k <= SDDMM_MAX_DENSITY * numel and numel >= SDDMM_MIN_NUMEL:
-            pattern = layer.sft_pattern()
-            # sampled_addmm's CPU kernel reads its second operand column by column: a column-major view
-            if pattern.flipped:  # sample (a @ b)^T = b^T @ a^T
-                mat1, mat2 = b.t().contiguous(), a.contiguous().t()
-            else:
-                mat1, mat2 = a.contiguous(), b.t().contiguous().t()
-            sampled = torch.sparse.sampled_addmm(pattern.csr(), mat1, mat2, beta=0.0).values()
-            return _to_slot_order(sampled, pattern.perm)
-    dense = a @ b
-    if observer is not None:
-        observer(dense)
-    return dense.view(-1).index_select(0, layer.sft_indices)
-
-
-def _to_slot_order(sampled: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(sampled)
-    out[perm] = sampled
-    return out
 
 
 def layer_classes() -> dict[type, type]:

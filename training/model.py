@@ -6,7 +6,7 @@ import hashlib
 import math
 import re
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +16,7 @@ import deltahub
 from deltahub import ParamDelta, SparseDelta
 from deltahub.fingerprint import fingerprint_of
 
+from . import sddmm
 from .config import SftConfig
 from .errors import SftConfigError, SftStateError
 from .layer import SftLayerMixin, attach, detach, layer_classes
@@ -44,6 +45,11 @@ class ActiveDelta:
     @property
     def k(self) -> int:
         return self.module.sft_indices.numel()
+
+    @property
+    def dense_numel(self) -> int:
+        """Elements of the whole weight (the SFT fork's name)."""
+        return self.module.weight.numel()
 
 
 def _linear_like(model: nn.Module) -> dict[str, nn.Module]:
@@ -125,9 +131,10 @@ def get_sft_model(model: nn.Module, config: SftConfig) -> nn.Module:
 
     Every parameter is frozen; each targeted linear layer gets ``k_W`` trainable values (zero, so the model is
     unchanged) at uniformly random positions. The model still trains, evaluates and generates like itself (its
-    weights hold base + values). It gains: ``model.sft_config``, ``model.active_deltas()``, ``model.to_delta()``,
-    ``model.sft_state_dict()`` and ``model.load_sft_state_dict(state)``, and its ``save_pretrained(dir)`` /
-    ``push_to_hub(repo_id)`` write / upload the delta (``full_model=True``: the plain fine-tuned model).
+    weights hold base + values). It gains: ``model.sft_config``, ``model.active_deltas()`` (and
+    ``model.active_deltas_by_name()``), ``model.to_delta()``, ``model.sft_state_dict()`` and
+    ``model.load_sft_state_dict(state)``, and its ``save_pretrained(dir)`` / ``push_to_hub(repo_id)`` write /
+    upload the delta (``full_model=True``: the plain fine-tuned model).
 
     Example:
         >>> model = get_sft_model(AutoModelForCausalLM.from_pretrained(path), SftConfig(density=0.01))
@@ -140,6 +147,7 @@ def get_sft_model(model: nn.Module, config: SftConfig) -> nn.Module:
         raise TypeError(f"config must be an SftConfig; got {type(config).__name__}")
     targets = find_targets(model, config.target_modules)
     ks = budget(model, targets, config)
+    sddmm.check(next(iter(targets.values())).weight.device)  # a DELTAHUB_SDDMM_KERNEL that cannot run here
     names = {name: f"{name}.weight" for name in targets}
     fingerprint = fingerprint_of({names[n]: m.weight for n, m in targets.items()})
     for p in model.parameters():
@@ -169,29 +177,58 @@ def prepared_layers(model: nn.Module) -> dict[str, SftLayerMixin]:
     return layers
 
 
-def active_deltas(model: nn.Module) -> dict[str, ActiveDelta]:
+def active_deltas_by_name(model: nn.Module) -> dict[str, ActiveDelta]:
     """``{weight name: ActiveDelta}``: live views of the trainable positions and values."""
     return {name: ActiveDelta(name, layer) for name, layer in prepared_layers(model).items()}
 
 
-def to_delta(model: nn.Module) -> SparseDelta:
+def active_deltas(model: nn.Module) -> Iterator[tuple[str, str, ActiveDelta]]:
+    """``(module name, weight name, ActiveDelta)`` for every tuned weight, as the SFT fork iterates them, so its
+    ``{delta.values: delta for _1, _2, delta in model.active_deltas()}`` works unchanged. The mapping view is
+    :func:`active_deltas_by_name`."""
+    for name, delta in active_deltas_by_name(model).items():
+        yield name.removesuffix(".weight"), name, delta
+
+
+def to_delta(
+    model: nn.Module, *, device: torch.device | str | None = "cpu", base_model: str | None = None
+) -> SparseDelta:
     """What the model learned, as a ``deltahub.SparseDelta`` (positions sorted, values in ``values_dtype``)
     with the base's identity and fingerprint and the training provenance. ``deltahub.apply_deltas`` on a fresh
-    copy of the base reproduces this model exactly."""
+    copy of the base reproduces this model exactly.
+
+    Sorting and casting run where the model is; ``device`` is where the result goes: the CPU by default (where
+    files, the Hub and other deltas are), ``None`` to keep it on the model's device (to apply it to another
+    model there without a round trip through the host).
+
+    Args:
+        base_model: the base's Hub id ``"org/name[@rev]"`` to record. Default: what ``from_pretrained`` was
+            given (a Hub id with its commit; a folder in the HF cache becomes its repo id and commit; another
+            folder is recorded as its path, which ``push_delta`` leaves out of what it uploads).
+    """
+    from deltahub.identity import model_identity, parse_model_id
+
     model = getattr(model, "module", model)
     config: SftConfig = model.sft_config
     params = {}
     for name, layer in prepared_layers(model).items():
         order = torch.argsort(layer.sft_indices)
-        values = layer.sft_values.detach()[order].to(config.values_dtype).cpu()
-        params[name] = ParamDelta(
-            layer.sft_indices[order].cpu(), values, tuple(layer.weight.shape), layer.weight.dtype
-        )
+        indices, values = layer.sft_indices[order], layer.sft_values.detach()[order].to(config.values_dtype)
+        if device is not None:
+            indices, values = indices.to(device), values.to(device)
+        params[name] = ParamDelta(indices, values, tuple(layer.weight.shape), layer.weight.dtype)
     hf_config = getattr(model, "config", None)
+    if base_model is not None:
+        base_id, base_revision = parse_model_id(base_model)
+    else:
+        base_id, base_revision = model_identity(
+            getattr(hf_config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None,
+            getattr(hf_config, "_commit_hash", None),
+        )
     return SparseDelta(
         params,
-        base_model=getattr(hf_config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None,
-        base_revision=getattr(hf_config, "_commit_hash", None),
+        base_model=base_id,
+        base_revision=base_revision,
         fingerprint=model.sft_fingerprint,
         provenance={
             "method": "sft",
@@ -262,6 +299,7 @@ def unwrap_sft_model(model: nn.Module, *, merge: bool = True) -> nn.Module:
 
 _BOUND: Iterable = (
     active_deltas,
+    active_deltas_by_name,
     to_delta,
     sft_state_dict,
     load_sft_state_dict,

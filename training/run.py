@@ -106,6 +106,36 @@ def _load_data(dataset: Path, tokenizer: Any, opts: DataOptions, seed: int) -> _
     return _Data(train, held, note)
 
 
+def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
+    """``--device``: ``auto`` (CUDA when a GPU is visible, else CPU; with ``local_rank``, that process's GPU),
+    ``cpu``, ``cuda`` or ``cuda:N``."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", local_rank) if local_rank is not None else torch.device("cuda")
+    kind, _, number = spec.partition(":")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if kind != "cuda" or (number and not number.isdigit()):
+        raise SftConfigError(
+            f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N (e.g. cuda:1)"
+        )
+    if not torch.cuda.is_available():
+        raise SftConfigError(
+            f"--device {spec} needs a CUDA GPU, but torch sees none (torch {torch.__version__}, CUDA build: "
+            f"{torch.version.cuda or 'no'}); use --device cpu, or install a CUDA build of torch"
+        )
+    count = torch.cuda.device_count()
+    if number and int(number) >= count:
+        raise SftConfigError(
+            f"--device {spec}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        )
+    if not number and local_rank is not None:
+        return torch.device("cuda", local_rank)
+    return torch.device(spec)
+
+
 def _setup_distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -116,7 +146,9 @@ def _setup_distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _held_out_loss(model, items: Any, batch_size: int, pad_id: int, rank: int, world: int) -> float:
+def _held_out_loss(
+    model, items: Any, batch_size: int, pad_id: int, rank: int, world: int, device: torch.device
+) -> float:
     """Token-weighted mean loss over ``items``; under several ranks each evaluates a strided share (padded with
     zero-weight repeats, so every rank runs the same number of forwards, as FSDP's collectives need)."""
     n = len(items[0]) if isinstance(items, tuple) else len(items)
@@ -133,6 +165,7 @@ def _held_out_loss(model, items: Any, batch_size: int, pad_id: int, rank: int, w
                 batch = {"input_ids": items[0][chunk], "labels": items[1][chunk]}
             else:
                 batch = pad_batch([items[r] for r in chunk], pad_id)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
             labels = batch["labels"][:, 1:]
             losses = torch.nn.functional.cross_entropy(
@@ -141,11 +174,14 @@ def _held_out_loss(model, items: Any, batch_size: int, pad_id: int, rank: int, w
                 ignore_index=IGNORE,
                 reduction="none",
             ).view(labels.shape)
-            counted = (labels != IGNORE).to(torch.float64) * torch.tensor(w, dtype=torch.float64)[:, None]
-            total += torch.stack([(losses.double() * counted).sum(), counted.sum()])
+            weight = torch.tensor(w, dtype=torch.float64, device=device)[:, None]
+            counted = (labels != IGNORE).to(torch.float64) * weight
+            total += torch.stack([(losses.double() * counted).sum(), counted.sum()]).cpu()
     model.train()
     if world > 1:
+        total = total.to(device)  # NCCL reduces on the GPU; gloo on the CPU
         dist.all_reduce(total)
+        total = total.cpu()
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
@@ -165,13 +201,19 @@ def train_delta(
     dtype: torch.dtype | None = None,
     seed: int = 0,
     fsdp: bool = False,
+    device: str = "auto",
+    bf16: bool = False,
+    gradient_checkpointing: bool = False,
+    base_model: str | None = None,
     quiet: bool = False,
     log: Callable[[str], None] = print,
 ) -> RunResult:
     """Train a sparse delta of ``base`` on ``dataset``; returns it with the held-out loss before and after.
 
     ``max_steps`` (update steps) wins over ``epochs``; with neither, 100 steps. Under several processes the
-    batch size is per process, as with torchrun everywhere.
+    batch size is per process, as with torchrun everywhere. ``device`` is ``auto`` (CUDA when there is a GPU, under
+    torchrun this process's ``cuda:LOCAL_RANK``), ``cpu``, ``cuda`` or ``cuda:N``; ``bf16`` computes under
+    ``torch.autocast``; ``base_model`` is the Hub id recorded in the delta (see ``model.to_delta``).
     """
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -179,6 +221,9 @@ def train_delta(
     data = data or DataOptions()
     t0 = time.perf_counter()
     rank, world = _setup_distributed()
+    where = resolve_device(device, local_rank=int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else None)
+    if where.type == "cuda":
+        torch.cuda.set_device(where)  # NCCL and FSDP's default mesh use the current device
     if fsdp and world == 1:
         raise SftConfigError(
             "`fsdp` shards the base across processes: launch with torchrun --nproc_per_node N (or accelerate "
@@ -194,7 +239,13 @@ def train_delta(
     pad_id = pad_id_of(tokenizer)
     batches = Batches(loaded.train, batch_size, seed=seed, rank=rank, world=world, pad_id=pad_id)
     steps = max_steps or (batches.steps_for(epochs, grad_accum) if epochs else 100)
-    model = AutoModelForCausalLM.from_pretrained(base, **({"dtype": dtype} if dtype else {}))
+    model = AutoModelForCausalLM.from_pretrained(base, **({"dtype": dtype} if dtype else {})).to(where)
+    if gradient_checkpointing:
+        model.config.use_cache = False
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_sft_model(model, config)
     forward = model
     if world > 1 and fsdp:
@@ -202,7 +253,9 @@ def train_delta(
 
         shard_sft_model(model)
     elif world > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(model)
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[where.index] if where.type == "cuda" else None
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     if config.selection_algorithm == "sm3":
         optimizer = SftSM3(params, model.active_deltas(), lr=lr or 0.1, weight_decay=weight_decay)
@@ -210,8 +263,12 @@ def train_delta(
         optimizer = SftAdamW(params, lr=lr or 1e-3, weight_decay=weight_decay)
     selector = SftSelector(forward, optimizer, total_update_steps=steps, grad_accumulation_steps=grad_accum)
 
+    def autocast():
+        return torch.autocast(where.type, dtype=torch.bfloat16, enabled=bf16)
+
     def held_out() -> float:
-        return _held_out_loss(model, loaded.held_out, batch_size, pad_id, rank, world)
+        with autocast():
+            return _held_out_loss(model, loaded.held_out, batch_size, pad_id, rank, world, where)
 
     before = held_out()
     stream = iter(batches)
@@ -220,24 +277,28 @@ def train_delta(
     )
     for step in bar:
         for micro in range(grad_accum):
-            batch = next(stream)
+            batch = {k: v.to(where, non_blocking=True) for k, v in next(stream).items()}
             last = micro == grad_accum - 1
             # DDP: average the gradients once per update step, not after every micro-batch
             sync = forward.no_sync() if world > 1 and not fsdp and not last else contextlib.nullcontext()
             with sync:
-                loss = forward(**batch).loss
+                with autocast():
+                    loss = forward(**batch).loss
                 (loss / grad_accum).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         selector.step()
-        if math.isfinite(loss.item()):
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        # Reading the loss waits for the device: only as often as the bar redraws, never when it is off.
+        if not bar.disable and (step % 10 == 0 or step == steps):
+            value = loss.item()
+            if math.isfinite(value):
+                bar.set_postfix(loss=f"{value:.3f}")
         if eval_every and step % eval_every == 0 and step < steps:
             value = held_out()
             if rank == 0:
                 (bar.write if not (quiet or bar.disable) else log)(f"step {step}: held-out loss {value:.4f}")
     after = held_out()
-    delta = model.to_delta()
+    delta = model.to_delta(base_model=base_model)
     if delta.base_model in (None, ""):
         delta.base_model = str(base)
     n_params = sum(p.numel() for p in model.parameters())  # DTensor.numel() is the global size

@@ -63,6 +63,7 @@ main.help = inspect.cleandoc(main.help or "").replace("EXIT_CODES", exit_code_ta
 
 
 def _register() -> None:
+    from .convert import convert
     from .demo import demo
     from .extract import extract
     from .inspect import inspect
@@ -70,7 +71,7 @@ def _register() -> None:
     from .pull import pull
     from .push import push
 
-    for command in (demo, push, pull, merge, inspect, extract):
+    for command in (demo, push, pull, merge, inspect, extract, convert):
         main.add_command(command)
 
 

@@ -9,6 +9,7 @@ never speaks Python.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -38,13 +39,16 @@ EXIT_CODES: tuple[ExitCode, ...] = (
              (E.HubRepoNotFoundError, E.HubRevisionNotFoundError, FileNotFoundError)),
     ExitCode(4, "the output exists: pass the verb's --overwrite (or choose another --out)",
              (E.DeltaExistsError, FileExistsError)),
-    ExitCode(5, "invalid input: a malformed delta, checkpoint or Hub repo that holds no delta",
-             (E.DeltaFormatError, E.CheckpointError, E.NotADeltaError, E.ExtractionError)),
+    ExitCode(5, "invalid input: a malformed delta, checkpoint or Hub repo that holds no delta, or an adapter "
+             "`deltahub convert` must turn into one first",
+             (E.DeltaFormatError, E.CheckpointError, E.NotADeltaError, E.ExtractionError,
+              E.UnconvertedAdapterError, E.ConversionError)),
     ExitCode(6, "wrong base: a delta does not belong to the base model (see --force)", (E.BaseMismatchError,)),
     ExitCode(7, "Hub authentication: a missing, invalid or read-only token", (E.HubAuthError,)),
     ExitCode(8, "Hub unreachable or failing (offline without a cached copy, a server error)",
              (E.HubConnectionError, E.HubError)),
-    ExitCode(9, "out of disk space", (E.OutOfSpaceError,)),
+    ExitCode(9, "the output cannot be written: out of disk space, a read-only filesystem, a file-size limit",
+             (E.OutOfSpaceError, E.OutputNotWritableError)),
     ExitCode(10, "an optional package is missing (the message says what to install)", (E.MissingExtraError,)),
     ExitCode(11, "other deltahub errors (e.g. a revert that would not restore the base)", (E.DeltahubError,)),
     ExitCode(1, "an unexpected error (a bug: please report it with DELTAHUB_DEBUG=1's traceback)",
@@ -53,7 +57,14 @@ EXIT_CODES: tuple[ExitCode, ...] = (
 INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 
+# What the OS says when an output cannot be written, raised by a library underneath (an extract's save, say):
+# the same kind as OutOfSpaceError and OutputNotWritableError, not a bug.
+_UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
 def exit_code(err: BaseException) -> int:
+    if isinstance(err, OSError) and not isinstance(err, E.DeltahubError) and err.errno in _UNWRITABLE:
+        return 9
     for entry in EXIT_CODES:
         if isinstance(err, entry.catches):
             return entry.code
@@ -110,6 +121,8 @@ def _one_line(err: BaseException) -> str:
         text = f"internal error: {type(err).__name__}: {text} (set {DEBUG_ENV}=1 for the traceback and report it)"
     elif isinstance(err, OSError) and not isinstance(err, E.DeltahubError) and err.filename and err.strerror:
         text = f"{err.strerror}: {err.filename}"
+    elif isinstance(err, OSError) and err.strerror:  # OutOfSpaceError & co: the message, not "[Errno 28] ..."
+        text = err.strerror
     return text
 
 

@@ -3,6 +3,7 @@ the merge-method flags generated from the method registry."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,16 @@ from .._dtypes import VALUE_DTYPES
 from ..methods import available_methods, get_method
 
 DTYPES = list(VALUE_DTYPES)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, without NaN: ``nan`` fails no comparison, so FloatRange lets it through."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        result = super().convert(value, param, ctx)
+        if not math.isfinite(result):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return result
 TOKEN_HELP = "Hub token (default: HF_TOKEN or the `hf auth login` cache). Never printed."
 
 

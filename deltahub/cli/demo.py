@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from ._options import FiniteFloatRange
+
 
 @click.command()
 @click.option(
@@ -23,7 +25,7 @@ import click
 )
 @click.option(
     "--density",
-    type=click.FloatRange(0, 1, min_open=True),
+    type=FiniteFloatRange(0, 1, min_open=True),
     help="Trainable values per delta, as a fraction of the model's parameters.  [default: 0.01; 0.05 with --fast]",
 )
 @click.option(

@@ -29,6 +29,12 @@ from ._options import DTYPES, quiet_option
     show_default=True,
     help="Tensors in only one of the two models: refuse, or skip them (recorded in the delta's provenance).",
 )
+@click.option(
+    "--base-model",
+    metavar="ID[@REV]",
+    help="The base's Hub id (and revision) to record, e.g. when BASE is a local copy of it (default: BASE's own "
+    "id when it is a Hub id or a folder in the HF cache, else its path, which push leaves out).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @quiet_option
 def extract(
@@ -41,6 +47,7 @@ def extract(
     values_dtype: str,
     max_shard_size: str,
     on_mismatch: str,
+    base_model: str | None,
     overwrite: bool,
     quiet: bool,
 ) -> None:
@@ -51,9 +58,10 @@ def extract(
     \b
     Examples:
       deltahub extract ./llama ./llama-sft --density 0.01 --out ./sft-delta
+      deltahub extract ./llama ./llama-sft --density 0.01 --base-model meta-llama/Llama-3.2-1B --out ./named-delta
       deltahub extract meta-llama/Llama-3.2-1B org/llama-sft@main --num 5000000 --scope global \\
-          --values-dtype bfloat16 --out ./sft-delta
-      deltahub extract ./llama ./llama-with-new-tokens --density 0.01 --on-mismatch skip --out ./d
+          --values-dtype bfloat16 --out ./sft-delta-global
+      deltahub extract ./llama ./llama-with-new-tokens --density 0.01 --on-mismatch skip --out ./new-tokens-delta
     """
     from ..extract import extract_delta
     from ..format import save_delta
@@ -72,8 +80,9 @@ def extract(
         values_dtype=values_dtype,
         on_mismatch=on_mismatch,
         progress=not quiet,
+        base_model=base_model,
     )
-    if base_folder != Path(base):  # a Hub base: record its id and commit, not the cache folder
+    if base_model is None and base_folder != Path(base):  # a Hub base: its id and commit, not a cache path
         delta = delta.replace(base_model=base_id, base_revision=base_rev)
     save_delta(delta, out, max_shard_size=max_shard_size, overwrite=overwrite)
     if not quiet:

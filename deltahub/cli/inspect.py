@@ -29,13 +29,13 @@ def inspect(deltas: tuple[str, ...], as_json: bool, plot: Path | None) -> None:
       deltahub inspect ./math-delta org/code-delta@v2 --json > report.json
       deltahub inspect ./a ./b --plot overlap.png
     """
-    from ..overlap import overlap_report
+    from ..inputs import validate_inputs
+    from ..overlap import overlap_inputs
     from ..report import delta_summary, plot_summary, summary_lines
-    from ..sources import resolve_deltas
 
-    loaded, _ = resolve_deltas(list(deltas), None)
-    summaries = [delta_summary(d, src) for d, src in zip(loaded, deltas, strict=True)]
-    report = overlap_report(loaded) if len(loaded) > 1 else None
+    inputs = validate_inputs(list(deltas))
+    summaries = [delta_summary(d, src) for d, src in zip(inputs.deltas, deltas, strict=True)]
+    report = overlap_inputs(inputs) if len(inputs.deltas) > 1 else None
     plotted = plot_summary(summaries, report.to_dict() if report else None, plot) if plot is not None else None
     if as_json:
         click.echo(

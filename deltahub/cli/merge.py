@@ -12,6 +12,37 @@ from ..merging.config import EXAMPLE
 from ._options import DTYPES, method_options, pop_method_options, quiet_option
 
 
+def is_delta(ref: str) -> bool:
+    """Whether the first argument of ``deltahub merge`` is a delta rather than a base: a local delta folder or
+    file, or a Hub repo that holds one (an adapter that needs ``deltahub convert`` says so)."""
+    from ..convert.detect import unconverted_error
+    from ..errors import HubError
+    from ..format.spec import CONFIG_FILE, FORMAT_NAME
+    from ..hub_ids import is_ref
+    from ..loading import load_delta
+
+    path = Path(ref)
+    if path.exists():
+        problem = unconverted_error(path)
+        if problem is not None:
+            raise problem
+        if path.is_dir():
+            return (path / CONFIG_FILE).is_file()
+        if path.suffix != ".safetensors":
+            return False
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT_NAME
+    if not is_ref(ref):
+        return False
+    try:
+        load_delta(ref)  # only the delta's own files are fetched (into the cache the merge then reads)
+    except HubError:  # not a delta (a model repo), or unreachable: it is the base, whose errors then tell
+        return False
+    return True
+
+
 @click.command()
 @click.argument("base", required=False)
 @click.argument("deltas", nargs=-1)
@@ -67,7 +98,9 @@ def merge(
 ) -> None:
     """Merge sparse deltas into BASE and write a standard transformers model folder.
 
-    BASE is a model folder or Hub id (org/name@revision); each DELTA a delta folder, file or Hub id. The base is
+    BASE is a model folder or Hub id (org/name@revision); each DELTA a delta folder, file or Hub id. Without
+    BASE (the first argument is a delta) the base is the one the deltas record, loaded by its id and revision and
+    checked against their fingerprints. Deltas of one base combine whatever names they record for it. The base is
     streamed tensor by tensor (memory about one tensor plus the deltas); everything is validated before the first
     byte is written, and the output appears atomically. It loads with plain
     AutoModelForCausalLM.from_pretrained and matches deltahub.load_model's logits exactly.
@@ -75,6 +108,7 @@ def merge(
     \b
     Examples:
       deltahub merge ./llama ./math-delta --out ./llama-math
+      deltahub merge acme/math-delta@v1 --out ./math-merged               # the base it records
       deltahub merge meta-llama/Llama-3.2-1B@main org/math@v1 org/code -w 1 -w 0.5 \\
           --method ties --density 0.3 --dtype bfloat16 --out ./llama-mix
       deltahub merge ./llama ./style-delta -w -1 --out ./llama-unstyled      # subtract a delta
@@ -90,8 +124,10 @@ def merge(
             raise click.UsageError("give BASE and DELTA on the command line or in --config, not both")
         config = MergeConfig.from_yaml(config_path)
     else:
-        if base is None or not deltas:
-            raise click.UsageError("give BASE and at least one DELTA (or --config merge.yaml)")
+        if base is None:
+            raise click.UsageError("give BASE and at least one DELTA, DELTA alone, or --config merge.yaml")
+        if not deltas or is_delta(base):  # all are deltas: the base is the one they record
+            base, deltas = None, (base, *deltas)
         config = MergeConfig(base, tuple(DeltaEntry(d) for d in deltas))
     # Flags given on the command line override the config file.
     if weights:

@@ -35,7 +35,7 @@ def pull(
     \b
     Examples:
       deltahub pull acme/math-delta
-      deltahub pull acme/math-delta@v1 --out ./math-delta
+      deltahub pull acme/math-delta@v1 --out ./math-delta-v1
       deltahub pull acme/math-delta --revision 3f2a9c0e... --out ./pinned
     """
     from ..hub import parse_delta_ref, pull_delta

@@ -121,9 +121,14 @@ def _run(
     data = out / "data"
     held_out = steps.write_texts(data, tasks, tokenizer, settings, echo)
     run = steps.Runner(echo, steps.subprocess_env(fast))
-    deltas = steps.train_deltas(run, base.folder, data, out / "deltas", tasks, settings, seed)
+    # On the demo's own loopback Hub the base gets an id, recorded by the deltas from the start; on a real Hub
+    # the demo does not upload a base, and push leaves its local path out (saying so).
+    base_repo = None if (hub_endpoint or token) else steps.base_repo_id(base, fast)
+    deltas = steps.train_deltas(run, base.folder, data, out / "deltas", tasks, settings, seed, base_repo)
     inspection = steps.inspect_deltas(run, deltas, base.nbytes, out / "inspect.txt")
-    shared = steps.share(run, out, deltas, hub_endpoint=hub_endpoint, token=token)
+    shared = steps.share(
+        run, out, deltas, hub_endpoint=hub_endpoint, token=token, base=base.folder, base_repo=base_repo
+    )
     losses = steps.compose(base.folder, shared.pulled, held_out, settings, echo)
     deployed = steps.deploy(run, base, shared.pulled, held_out, tasks, tokenizer, out / "merged", settings)
     outputs = [

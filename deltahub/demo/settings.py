@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ..errors import InvalidArgumentError
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -39,5 +41,10 @@ FAST = Settings(
 
 
 def settings_for(fast: bool, steps: int | None = None, density: float | None = None) -> Settings:
+    # Checked here, before the demo builds anything: NaN passes every comparison-based range check.
+    if density is not None and not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise InvalidArgumentError(f"`density` must be a number in (0, 1], e.g. 0.01 for 1%; got {density!r}")
+    if steps is not None and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+        raise InvalidArgumentError(f"`steps` must be a positive integer; got {steps!r}")
     settings = FAST if fast else DEFAULT
     return replace(settings, steps=steps or settings.steps, density=density or settings.density)

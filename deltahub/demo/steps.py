@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .._dtypes import dtype_name
-from ..errors import PathNotFoundError
+from ..errors import DeltahubError, PathNotFoundError
 from .settings import Settings
 from .texts import Task
 
@@ -46,24 +47,35 @@ def prepare_out(out: Path) -> None:
     (out / MARKER).write_text("made by `deltahub demo`; the next run replaces this folder\n")
 
 
+class DemoStepError(DeltahubError, RuntimeError):
+    """A step of the demo failed; its own output (above) says why. The CLI prints this as one line."""
+
+
 class Runner:
-    """Runs `deltahub ...` commands as a user would, printing each one first and keeping it for the recap."""
+    """Runs `deltahub ...` commands (and a few `python -c` lines) as a user would, printing each one first and
+    keeping it for the recap."""
 
     def __init__(self, echo: Echo, env: dict[str, str]):
         self.echo, self.env, self.commands = echo, env, []
 
     def __call__(self, *args: str, stdout_to: Path | None = None) -> None:
         shown = "deltahub " + shlex.join(args) + (f" > {shlex.quote(str(stdout_to))}" if stdout_to else "")
+        # `python -m deltahub.cli` is the `deltahub` script of this very interpreter, whatever is on PATH.
+        self._run(shown, [sys.executable, "-m", "deltahub.cli", *args], stdout_to)
+
+    def python(self, code: str) -> None:
+        """Run ``python -c code`` in the commands' environment (Python API steps a user would script)."""
+        self._run(f"python -c {shlex.quote(code)}", [sys.executable, "-c", code], None)
+
+    def _run(self, shown: str, cmd: list[str], stdout_to: Path | None) -> None:
         self.commands.append(shown)
         self.echo(f"$ {shown}")
         sys.stdout.flush()
-        # `python -m deltahub.cli` is the `deltahub` script of this very interpreter, whatever is on PATH.
-        cmd = [sys.executable, "-m", "deltahub.cli", *args]
         with ExitStack() as stack:
             sink = stack.enter_context(open(stdout_to, "w")) if stdout_to else None
             proc = subprocess.run(cmd, env=self.env, stdout=sink)
         if proc.returncode != 0:
-            raise RuntimeError(f"`{shown}` failed with exit code {proc.returncode} (its output is above)")
+            raise DemoStepError(f"`{shown}` failed with exit code {proc.returncode} (its output is above)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -113,6 +125,19 @@ def prepare_base(out: Path, *, model: str | None, fast: bool, seed: int, echo: E
     return base
 
 
+LOOPBACK_NAMESPACE = "demo"
+
+
+def base_repo_id(base: Base, fast: bool) -> str:
+    """The id the base gets on the demo's loopback Hub: the deltas record it as their ``base_model``, so their
+    cards link to it and ``load_model(deltas=[...])`` finds it. (SmolLM2 here is dequantised from a 4-bit GGUF:
+    not the weights of HuggingFaceTB/SmolLM2-135M-Instruct, so it does not borrow that id.)"""
+    name = (
+        "deltahub-demo-tiny-base" if fast else re.sub(r"[^A-Za-z0-9._-]+", "-", base.folder.name).strip("-.")
+    )
+    return f"{LOOPBACK_NAMESPACE}/{name or 'base'}"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 2. the texts
 
@@ -147,9 +172,16 @@ def write_texts(
 
 
 def train_deltas(
-    run: Runner, base: Path, data: Path, out: Path, tasks: list[Task], settings: Settings, seed: int
+    run: Runner,
+    base: Path,
+    data: Path,
+    out: Path,
+    tasks: list[Task],
+    settings: Settings,
+    seed: int,
+    base_model: str | None = None,
 ) -> dict[str, Path]:
-    """``deltahub train`` one delta per task into ``out/NAME``."""
+    """``deltahub train`` one delta per task into ``out/NAME`` (recording ``base_model`` as the base's id)."""
     run.echo(
         f"[3/8] train one sparse delta per task ({settings.steps} steps of {settings.batch_size} x "
         f"{settings.seq_len} tokens, density {settings.density}; float32 compute, which CPUs run faster than bf16):"
@@ -168,6 +200,7 @@ def train_deltas(
             "--lr", f"{settings.lr[task.algorithm]:g}",
             "--dtype", "float32",
             "--seed", str(seed),
+            *(("--base-model", base_model) if base_model else ()),
         )  # fmt: skip
     return deltas
 
@@ -222,10 +255,18 @@ class Shared:
 
 
 def share(
-    run: Runner, out: Path, deltas: dict[str, Path], *, hub_endpoint: str | None, token: str | None
+    run: Runner,
+    out: Path,
+    deltas: dict[str, Path],
+    *,
+    hub_endpoint: str | None,
+    token: str | None,
+    base: Path | None = None,
+    base_repo: str | None = None,
 ) -> Shared:
     """``deltahub push`` each delta and ``deltahub pull`` it back, through ``hub_endpoint`` or a loopback Hub
-    started here; compares the pulled files with the trained ones byte for byte."""
+    started here; compares the pulled files with the trained ones byte for byte. On the loopback Hub the base
+    goes up first as ``base_repo`` (the id the deltas record), and one delta is then loaded by its id alone."""
     env, echo = run.env, run.echo
     pulled_dir = out / "pulled"
     local = not (hub_endpoint or token)
@@ -247,6 +288,10 @@ def share(
             namespace = "demo"
             server = stack.enter_context(HubServer(hub_root, {hub_token: namespace}))
             url = server.url
+            # The loopback Hub is not the network: an offline setting (HF_HUB_OFFLINE=1, the usual one for an
+            # offline user) must not stop the commands that talk to it.
+            for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+                env.pop(name, None)
             # The loopback server has no Xet storage: the client must use the LFS API it does implement.
             env.update(
                 HF_ENDPOINT=url,
@@ -259,11 +304,30 @@ def share(
                 f"in {hub_root}); the commands run with HF_ENDPOINT={url} HF_HUB_DISABLE_XET=1 and its token "
                 "in HF_TOKEN:"
             )
+        if local and base is not None and base_repo is not None:
+            echo(
+                f"      the base goes up first, as {base_repo}: the deltas record that id as their base_model"
+            )
+            run.python(
+                "from huggingface_hub import HfApi; api = HfApi(); "
+                f"api.create_repo({base_repo!r}, private=True, exist_ok=True); "
+                f"api.upload_folder(repo_id={base_repo!r}, folder_path={str(base)!r})"
+            )
         repos = {name: f"{namespace}/deltahub-demo-{name}" for name in deltas}
         for name, path in deltas.items():
             run("push", str(path), repos[name], "--private")
         for name in deltas:
             run("pull", repos[name], "--out", str(pulled_dir / name), "--overwrite")
+        if local and base_repo is not None:
+            first = next(iter(repos.values()))
+            echo(
+                f"      loaded by its id alone, {first} brings the base it records ({base_repo}), fingerprint-checked:"
+            )
+            run.python(
+                "import deltahub; "
+                f"m = deltahub.load_model(deltas=[{first!r}]); "
+                "print('      base', m.name_or_path, '+', m.applied_deltas.deltas[0].origin['repo_id'], 'ok')"
+            )
     identical = all(
         sha256(f) == sha256(pulled_dir / name / f.name)
         for name, path in deltas.items()

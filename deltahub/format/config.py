@@ -27,6 +27,7 @@ from .spec import (
     STORAGE_DENSE,
     STORAGE_SPARSE,
 )
+from .untrusted import MAX_NAME, as_float, is_int, preview, shape_problem
 
 RESAVE = "re-save the delta with deltahub.save_delta"
 
@@ -138,28 +139,21 @@ class DeltaConfig:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
-def is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _parse_samples(raw: object, numel: int, per_param: int, where: str, problems: list[str]) -> tuple | None:
     want = per_param if numel > 0 else 0
     if not isinstance(raw, list) or len(raw) != want:
-        problems.append(f"{where}: base_samples must be a list of {want} numbers; got {str(raw)[:80]}")
+        problems.append(f"{where}: base_samples must be a list of {want} numbers; got {preview(raw)}")
         return None
     out = []
     for x in raw:
-        if is_number(x):
-            out.append(float(x))
+        value = as_float(x)  # None for an int beyond float range (10**400), which float() would overflow on
+        if value is not None:
+            out.append(value)
         elif isinstance(x, str) and x in NONFINITE:
             out.append(NONFINITE[x])
         else:
             problems.append(
-                f"{where}: base_samples entry {str(x)[:40]!r} is not a number or 'nan'/'inf'/'-inf'"
+                f"{where}: base_samples entry {preview(x, 40)} is not a number or 'nan'/'inf'/'-inf'"
             )
             return None
     return tuple(out)
@@ -168,28 +162,32 @@ def _parse_samples(raw: object, numel: int, per_param: int, where: str, problems
 def _parse_param(
     name: str, raw: object, where: str, per_param: int | None, problems: list[str]
 ) -> ParamSpec | None:
-    at = f"{where}: parameter {name!r}"
+    at = f"{where}: parameter {preview(name, 200)}"
+    if len(name) > MAX_NAME:
+        problems.append(f"{at}: a name of {len(name)} characters is not a state-dict key; {RESAVE}")
+        return None
     if not isinstance(raw, dict):
         problems.append(f"{at}: entry must be an object with shape, dtype, nnz and storage; {RESAVE}")
         return None
     bad = []
     shape, dtype, nnz, storage = raw.get("shape"), raw.get("dtype"), raw.get("nnz"), raw.get("storage")
-    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
-        bad.append(f"'shape' must be a list of non-negative integers, got {str(shape)[:80]}")
+    shape_bad = shape_problem(shape)  # rank and size first: math.prod of 100,000 dimensions is quadratic
+    if shape_bad:
+        bad.append(shape_bad)
     if not isinstance(dtype, str) or dtype not in BASE_DTYPES:
         bad.append(
             f"'dtype' (the base parameter's dtype) must be one of {', '.join(BASE_DTYPES)}, got {dtype!r}"
         )
     if not is_int(nnz) or nnz < 0:
-        bad.append(f"'nnz' must be a non-negative integer, got {str(nnz)[:40]}")
+        bad.append(f"'nnz' must be a non-negative integer, got {preview(nnz, 40)}")
     if storage not in (STORAGE_SPARSE, STORAGE_DENSE):
-        bad.append(f"'storage' must be {STORAGE_SPARSE!r} or {STORAGE_DENSE!r}, got {str(storage)[:40]!r}")
+        bad.append(f"'storage' must be {STORAGE_SPARSE!r} or {STORAGE_DENSE!r}, got {preview(storage, 40)}")
     if bad:
         problems.append(f"{at}: {'; '.join(bad)}")
         return None
     numel = math.prod(shape)
     if nnz > numel:
-        problems.append(f"{at}: nnz {nnz} exceeds the {numel} elements of shape {shape}")
+        problems.append(f"{at}: nnz {preview(nnz, 40)} exceeds the {numel} elements of shape {shape}")
         return None
     if storage == STORAGE_DENSE and nnz != numel:
         problems.append(f"{at}: storage is 'dense' so nnz must equal numel {numel}, got {nnz}")
@@ -210,25 +208,31 @@ def parse_config(obj: dict[str, Any], where: str, problems: list[str]) -> DeltaC
     for key in ("base_model", "base_revision"):
         value = obj.get(key)
         if value is not None and not isinstance(value, str):
-            problems.append(f"{where}: {key!r} must be a string or null, got {str(value)[:80]}")
+            problems.append(f"{where}: {key!r} must be a string or null, got {preview(value)}")
         else:
             setattr(cfg, key, value)
     vd = obj.get("values_dtype")
     if vd is not None and vd != "mixed" and (not isinstance(vd, str) or vd not in VALUE_DTYPES):
         problems.append(
-            f"{where}: 'values_dtype' must be one of {', '.join(VALUE_DTYPES)} or 'mixed', got {vd!r}"
+            f"{where}: 'values_dtype' must be one of {', '.join(VALUE_DTYPES)} or 'mixed', got {preview(vd, 40)}"
         )
     else:
         cfg.values_dtype = vd
     for key in ("nnz", "numel"):
         if key in obj and not (is_int(obj[key]) and obj[key] >= 0):
-            problems.append(f"{where}: {key!r} must be a non-negative integer, got {str(obj[key])[:40]}")
+            problems.append(f"{where}: {key!r} must be a non-negative integer, got {preview(obj[key], 40)}")
         elif key in obj:
             cfg.totals[key] = obj[key]
-    if "density" in obj and not is_number(obj["density"]):
-        problems.append(f"{where}: 'density' must be a number, got {str(obj['density'])[:40]}")
+    density = as_float(obj.get("density"))
+    if "density" in obj and (density is None or not 0.0 <= density <= 1.0):
+        problems.append(f"{where}: 'density' must be a number in [0, 1], got {preview(obj['density'], 40)}")
     elif "density" in obj:
-        cfg.totals["density"] = float(obj["density"])
+        cfg.totals["density"] = density
+    version = obj.get("deltahub_version")
+    if version is not None and not isinstance(version, str):
+        problems.append(
+            f"{where}: 'deltahub_version' must be a string like '0.1.0' (or null), got {preview(version, 40)}"
+        )
     prov = obj.get("provenance")
     if prov is not None and not isinstance(prov, dict):
         problems.append(f"{where}: 'provenance' must be an object or null, got {type(prov).__name__}")
@@ -244,10 +248,19 @@ def parse_config(obj: dict[str, Any], where: str, problems: list[str]) -> DeltaC
             problems.append(
                 f"{where}: 'fingerprint' must be null or {{'method': str, 'samples_per_parameter': int}}"
             )
+            per_param = 0  # reported once here, not again for every parameter's base_samples
+        elif fp["method"] == FINGERPRINT_METHOD and fp["samples_per_parameter"] != SAMPLES:
+            # 0 or a negative count would silently switch the base check off; samples-v1 always has 8.
+            problems.append(
+                f"{where}: 'fingerprint' method {FINGERPRINT_METHOD!r} has samples_per_parameter {SAMPLES}, got "
+                f"{preview(fp['samples_per_parameter'], 40)}; {RESAVE}"
+            )
+            per_param = 0
         elif fp["method"] != FINGERPRINT_METHOD:
             # A later minor version may add methods; the delta still loads, only the base check is lost.
             warnings.warn(
-                f"{where}: unknown fingerprint method {fp['method']!r}; loading without a base fingerprint",
+                f"{where}: unknown fingerprint method {preview(fp['method'], 40)}; loading without a base "
+                "fingerprint",
                 stacklevel=4,
             )
             per_param = 0
@@ -259,6 +272,11 @@ def parse_config(obj: dict[str, Any], where: str, problems: list[str]) -> DeltaC
             f"{where}: 'parameters' must be an object mapping state-dict names to entries; {RESAVE}"
         )
         return cfg
+    if "values_dtype" in obj and vd is None and params:
+        problems.append(
+            f"{where}: 'values_dtype' is null but the delta has {len(params)} parameters; set it to their values' "
+            f"dtype ({', '.join(VALUE_DTYPES)}) or 'mixed'"
+        )
     for name, raw in params.items():
         cfg.params[name] = _parse_param(name, raw, where, per_param, problems)
     return cfg

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .spec import MAX_HEADER_SIZE, ST_DTYPES
+from .untrusted import MAX_NAME, MAX_RANK, is_int, open_regular, preview, shape_problem
 
 _REPAIR = "the file is truncated, corrupted or not a safetensors file: re-download it or re-save the delta"
 _KEYS = {"dtype", "shape", "data_offsets"}
@@ -61,8 +63,9 @@ def parse_json(text: str | bytes) -> Any:
     return json.loads(text, object_pairs_hook=_strict_object, parse_constant=_no_constants)
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+# A base checkpoint (read by the streaming merge) may hold tensors of any rank a model uses; still bounded, so a
+# header of 100,000 dimensions costs a comparison.
+MAX_CHECKPOINT_RANK = 32
 
 
 def read_header(
@@ -80,8 +83,9 @@ def read_header(
         ``(header, [])`` when valid, else ``(None, problems)``.
     """
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        # Not open(path): a FIFO would block forever and /dev/zero would never end; this refuses both.
+        with open(open_regular(path), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 return None, [f"{label}: {size} bytes is too short for a safetensors file; {_REPAIR}"]
@@ -131,27 +135,32 @@ def _check_entries(
     for name, info in obj.items():
         if name == "__metadata__":
             continue
-        where = f"{label}: tensor {name!r}"
+        where = f"{label}: tensor {preview(name, 200)}"
+        if len(name) > MAX_NAME:
+            problems.append(f"{where}: a name of {len(name)} characters is not a tensor name; {_REPAIR}")
+            continue
         if not isinstance(info, dict) or set(info) != _KEYS:
             problems.append(f"{where}: header entry must have exactly the keys {sorted(_KEYS)}; {_REPAIR}")
             continue
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         bad = []
         if not isinstance(dtype, str) or dtype not in dtypes:
-            allowed = (
-                "F32, BF16, F16 values; I32, I64 indices" if dtypes is ST_DTYPES else ", ".join(dtypes)
-            )
+            allowed = "F32, BF16, F16 values; I32, I64 indices" if dtypes is ST_DTYPES else ", ".join(dtypes)
             what = "in a delta" if dtypes is ST_DTYPES else "here"
-            bad.append(f"dtype {str(dtype)[:20]!r} is not allowed {what} ({allowed})")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            bad.append(f"shape must be a list of non-negative integers, got {str(shape)[:60]}")
+            bad.append(f"dtype {preview(dtype, 20)} is not allowed {what} ({allowed})")
+        # Rank and size before any product: a shape of 100,000 dimensions would otherwise cost quadratic time.
+        shape_bad = shape_problem(shape, "shape", MAX_RANK if dtypes is ST_DTYPES else MAX_CHECKPOINT_RANK)
+        if shape_bad:
+            bad.append(shape_bad)
         if not (
             isinstance(offsets, list)
             and len(offsets) == 2
-            and all(_is_int(o) for o in offsets)
+            and all(is_int(o) for o in offsets)
             and 0 <= offsets[0] <= offsets[1]
         ):
-            bad.append(f"data_offsets must be [begin, end] with 0 <= begin <= end, got {str(offsets)[:60]}")
+            bad.append(
+                f"data_offsets must be [begin, end] with 0 <= begin <= end, got {preview(offsets, 60)}"
+            )
         if bad:
             problems.append(f"{where}: {'; '.join(bad)}; {_REPAIR}")
             continue
@@ -159,12 +168,14 @@ def _check_entries(
         nbytes = math.prod(shape) * _itemsize(dtypes[dtype])
         if end - begin != nbytes:
             problems.append(
-                f"{where}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets span {end - begin}; "
+                f"{where}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets span "
+                f"{preview(end - begin, 40)}; "
                 f"{_REPAIR}"
             )
         elif end > data_len:
             problems.append(
-                f"{where}: data_offsets end at byte {end} but the data region has only {data_len} bytes; {_REPAIR}"
+                f"{where}: data_offsets end at byte {preview(end, 40)} but the data region has only {data_len} "
+                f"bytes; {_REPAIR}"
             )
         else:
             tensors[name] = TensorEntry(dtype, tuple(shape), begin, end)

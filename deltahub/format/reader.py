@@ -35,6 +35,7 @@ from .spec import (
     VALUES,
     version_problem,
 )
+from .untrusted import preview, read_capped, regular_file
 
 # Beyond this many, more lines would bury the first ones (a corrupt file can produce thousands).
 MAX_PROBLEMS = 50
@@ -49,11 +50,12 @@ def _fail(source: str, problems: list[str]) -> DeltaFormatError:
 
 def _read_json(path: Path, label: str, problems: list[str]) -> Any:
     try:
-        # The same ceiling as a safetensors header: reading a stranger's file must not exhaust memory.
-        if path.stat().st_size > MAX_HEADER_SIZE:
+        # The same ceiling as a safetensors header, counted in bytes actually read (a device's size says 0).
+        data = read_capped(path, MAX_HEADER_SIZE)
+        if data is None:
             problems.append(f"{label}: larger than {MAX_HEADER_SIZE} bytes; this is not a delta's JSON file")
             return None
-        return parse_json(path.read_bytes())
+        return parse_json(data)
     except OSError as e:
         problems.append(f"{label}: cannot be read ({e.strerror or e})")
     except (ValueError, RecursionError) as e:
@@ -270,7 +272,9 @@ def _read_params(
                 if t is None:
                     continue
                 bad = _check_dense(t, spec)
-                indices = torch.arange(numel, dtype=index_dtype_for(numel))
+                # Only once the tensor is known to hold all numel values: a config claiming 2**30 elements
+                # over a file of 64 must not make us build a 2**30-entry arange first.
+                indices = None if bad else torch.arange(numel, dtype=index_dtype_for(numel))
                 values = t.reshape(-1)
             else:
                 indices = _load_tensor(handle, name + INDICES, label, problems)
@@ -322,7 +326,7 @@ def _check_totals(cfg: DeltaConfig, params: dict[str, ParamDelta], problems: lis
     for key, actual in (("nnz", nnz), ("numel", numel)):
         if key in cfg.totals and cfg.totals[key] != actual:
             problems.append(
-                f"{cfg.where}: total {key} is {cfg.totals[key]} but the parameters add up to {actual}"
+                f"{cfg.where}: total {key} is {preview(cfg.totals[key], 40)} but the parameters add up to {actual}"
             )
     density = nnz / numel if numel else 0.0
     if "density" in cfg.totals and not math.isclose(
@@ -338,27 +342,38 @@ def _check_totals(cfg: DeltaConfig, params: dict[str, ParamDelta], problems: lis
             )
 
 
+def _present(path: Path) -> bool:
+    """Whether anything is at ``path``, a dangling link included (it is reported as such, not as missing)."""
+    return path.exists() or path.is_symlink()
+
+
 def _load_folder(folder: Path, source: str) -> SparseDelta:
     problems: list[str] = []
-    if not (folder / CONFIG_FILE).is_file():
+    if not _present(folder / CONFIG_FILE):
         raise _fail(
             source, [f"{CONFIG_FILE} is missing; a delta folder needs it (or load one .safetensors file)"]
         )
-    obj = _read_json(folder / CONFIG_FILE, CONFIG_FILE, problems)
-    if problems:
-        raise _fail(source, problems)
+    config_path, bad = regular_file(folder / CONFIG_FILE, CONFIG_FILE, folder)
+    obj = None if bad else _read_json(config_path, CONFIG_FILE, problems)
+    if bad or problems:
+        raise _fail(source, [bad] if bad else problems)
     _check_version(obj, CONFIG_FILE, source)
     cfg = parse_config(obj, CONFIG_FILE, problems)
 
     weight_map, total_size = None, None
-    has_index, has_single = (folder / INDEX_FILE).exists(), (folder / SINGLE_FILE).exists()
+    has_index, has_single = _present(folder / INDEX_FILE), _present(folder / SINGLE_FILE)
     if has_index and has_single:
         problems.append(f"both {SINGLE_FILE} and {INDEX_FILE} exist; remove the stale one (or {RESAVE})")
         files: list[str] = []
     elif has_index:
-        files, weight_map, total_size = _shard_names(
-            _read_json(folder / INDEX_FILE, INDEX_FILE, problems), problems
-        )
+        index_path, bad = regular_file(folder / INDEX_FILE, INDEX_FILE, folder)
+        if bad:
+            problems.append(bad)
+            files = []
+        else:
+            files, weight_map, total_size = _shard_names(
+                _read_json(index_path, INDEX_FILE, problems), problems
+            )
     elif has_single:
         files = [SINGLE_FILE]
     else:
@@ -367,11 +382,14 @@ def _load_folder(folder: Path, source: str) -> SparseDelta:
 
     headers: dict[str, tuple[Path, Header]] = {}
     for label in files:
-        path = folder / label
-        if not path.is_file():
+        if not _present(folder / label):
             problems.append(
                 f"{label}: listed in {INDEX_FILE} but missing from the folder; re-download the delta"
             )
+            continue
+        path, bad = regular_file(folder / label, label, folder)
+        if bad:
+            problems.append(bad)
             continue
         header, bad = read_header(path, label)
         problems.extend(bad)
@@ -379,11 +397,12 @@ def _load_folder(folder: Path, source: str) -> SparseDelta:
             _header_agrees(header, label, obj, problems)
             headers[label] = (path, header)
     unread = set(files) - set(headers)
+    if has_index and weight_map is None:  # the index itself is reported: its parameters are not "missing" too
+        unread.add(INDEX_FILE)
     return _assemble(source, cfg, headers, weight_map, total_size, problems, unread)
 
 
-def _load_file(path: Path, source: str) -> SparseDelta:
-    label = path.name
+def _load_file(path: Path, source: str, label: str) -> SparseDelta:
     header, problems = read_header(path, label)
     if header is None:
         raise _fail(source, problems)
@@ -425,6 +444,10 @@ def load_delta(path: str | os.PathLike[str]) -> SparseDelta:
     p = Path(source)
     if p.is_dir():
         return _load_folder(p, source)
-    if p.is_file():
-        return _load_file(p, source)
-    raise FileNotFoundError(f"no delta at {source}: expected a delta folder or a .safetensors file")
+    if not _present(p):
+        raise FileNotFoundError(f"no delta at {source}: expected a delta folder or a .safetensors file")
+    # The path was named by the caller, so a link anywhere is fine; it must end at a regular file.
+    real, bad = regular_file(p, p.name)
+    if bad:
+        raise _fail(source, [bad])
+    return _load_file(real, source, p.name)

@@ -12,6 +12,7 @@ import torch
 
 from .._dtypes import SAFETENSORS_DTYPES
 from ..errors import InvalidArgumentError
+from .untrusted import preview
 
 FORMAT_NAME = "deltahub.sparse_delta"
 FORMAT_VERSION = "1.0"
@@ -102,11 +103,15 @@ def version_problem(fmt: object, version: object, where: str) -> str | None:
     """Why ``(format, format_version)`` read from ``where`` cannot be loaded by this deltahub, or None."""
     if fmt != FORMAT_NAME:
         return (
-            f"{where}: 'format' is {fmt!r}, not {FORMAT_NAME!r}; this is not a deltahub sparse delta "
+            f"{where}: 'format' is {preview(fmt, 60)}, not {FORMAT_NAME!r}; this is not a deltahub sparse delta "
             f"(or its config was edited): check the path"
         )
-    if not isinstance(version, str) or not re.fullmatch(r"\d+\.\d+", version):
-        return f"{where}: 'format_version' must be a string 'MAJOR.MINOR' like {FORMAT_VERSION!r}; got {version!r}"
+    # At most 6 digits a part: int() of a 5000-digit string raises past Python's 4300-digit limit.
+    if not isinstance(version, str) or not re.fullmatch(r"\d{1,6}\.\d{1,6}", version):
+        return (
+            f"{where}: 'format_version' must be a string 'MAJOR.MINOR' like {FORMAT_VERSION!r}; got "
+            f"{preview(version, 60)}"
+        )
     major = int(version.split(".")[0])
     if major > SUPPORTED_MAJOR:
         return (

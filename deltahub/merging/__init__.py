@@ -28,7 +28,6 @@ How it streams (see ``docs/merge.md``):
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -41,19 +40,18 @@ import torch
 from .._atomic import check_output, install_folder
 from .._dtypes import VALUE_DTYPES, dtype_name, parse_dtype
 from .._tensors import check_tied
-from ..apply import check_base
+from ..apply import check_base, recorded_base
 from ..checkpoint import INDEX_NAME
 from ..delta import SparseDelta, common_base
 from ..errors import InvalidArgumentError, OutOfSpaceError
 from ..format.spec import parse_size
-from ..methods import resolve_options
-from ..overlap import overlap_report
-from ..sources import DeltaSource, describe, resolve_deltas
+from ..inputs import DeltaSource, describe, validate_inputs
+from ..overlap import overlap_inputs
 from .base import MARKER, BaseFiles, resolve_model
 from .card import model_card
 from .config import CONFIG_NAME, DeltaEntry, MergeConfig
 from .plan import DeltaInfo, MergePlan, MergeResult, shard_layout
-from .write import combined, copy_extras, index, make_tmp, remove_stale, space_error, write_shards
+from .write import combined, copy_extras, index, make_tmp, remove_stale, space_error, write_error, write_shards
 
 __all__ = ["DeltaEntry", "MergeConfig", "MergePlan", "MergeResult", "OutOfSpaceError", "merge", "model_card", "resolve_model"]
 
@@ -62,28 +60,29 @@ __all__ = ["DeltaEntry", "MergeConfig", "MergePlan", "MergeResult", "OutOfSpaceE
 
 
 def merge(
-    base: str | os.PathLike,
-    deltas: DeltaSource | Sequence[DeltaSource],
+    base: str | os.PathLike | None = None,
+    deltas: DeltaSource | Sequence[DeltaSource] = (),
     *,
     out: str | os.PathLike,
     weights: Sequence[float] | None = None,
     method: str = "sum",
     method_options: Mapping[str, Any] | None = None,
+    force: bool = False,
     dtype: str | torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
-    force: bool = False,
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool = True,
 ) -> MergeResult:
     """Merge sparse deltas into a base checkpoint and write a standard transformers model folder, streaming.
 
-    The result equals ``load_model(base, deltas, weights, method, dtype=dtype)`` weight for weight (same
+    The result equals ``load_model(base, deltas, weights=..., method=..., dtype=dtype)`` weight for weight (same
     float32 arithmetic, rounded once), so plain ``AutoModelForCausalLM.from_pretrained(out)`` gives the same
     logits. Tensors no delta touches are copied byte for byte.
 
     Args:
-        base: a local model folder (safetensors) or a Hub id ``org/name[@revision]``.
+        base: a local model folder (safetensors) or a Hub id ``org/name[@revision]``; None: the base the deltas
+            record (its id and revision), checked against their fingerprints like any other.
         deltas: delta folders, files, Hub ids (``org/name@revision``) or SparseDelta objects.
         out: the folder to create (refused if it exists and is not empty, unless ``overwrite``).
         weights: one per delta (default 1.0); negative subtracts.
@@ -91,7 +90,8 @@ def merge(
         dtype: output dtype of floating tensors (float32, bfloat16, float16); default: the base's. The base is
             cast first and the deltas added in that dtype, as ``load_model(..., dtype=...)`` does.
         max_shard_size: bytes per output file, an int or a string like ``"5GB"`` or ``"2GiB"``.
-        force: skip the base fingerprint check (names and shapes are always checked).
+        force: skip the base fingerprint checks, between the deltas and against the base (names and shapes are
+            always checked).
         overwrite: replace an existing ``out`` (swapped in only once the new folder is complete).
         dry_run: validate and plan, write nothing; the result's ``out`` is None.
         progress: show a progress bar (hidden anyway when not writing to a terminal).
@@ -107,14 +107,18 @@ def merge(
         >>> merge("meta-llama/Llama-3.2-1B@main", ["./math-delta", "./code-delta"], weights=[1.0, 0.5],
         ...       out="./llama-math-code", dtype="bfloat16")
     """
-    options = resolve_options(method, method_options or {})
     out_dtype = parse_dtype(dtype, allowed=VALUE_DTYPES, what="dtype") if dtype is not None else None
     max_bytes = parse_size(max_shard_size)
     out = check_output(out, overwrite=overwrite, keyword="out")
-    delta_list, weight_list = resolve_deltas(deltas, weights)
-    if not delta_list:
-        raise InvalidArgumentError("merge needs at least one delta")
-    common_base(delta_list)
+    inputs = validate_inputs(
+        deltas, weights=weights, method=method, method_options=method_options, force=force
+    )
+    delta_list, weight_list, options = list(inputs.deltas), list(inputs.weights), dict(inputs.options)
+    method = inputs.method
+    shared = common_base(delta_list, force=force)
+    if base is None:
+        name, revision = recorded_base(delta_list)
+        base = name if revision is None or os.path.exists(name) else f"{name}@{revision}"
     base_folder, base_id, base_revision = resolve_model(base)
     base_files = BaseFiles(base_folder)
     try:
@@ -145,34 +149,52 @@ def merge(
         plan.config = _config(plan, max_shard_size)
         if dry_run:
             if len(delta_list) > 1:
-                plan.overlap = overlap_report(delta_list, weight_list)
+                plan.overlap = overlap_inputs(inputs)
             return MergeResult(plan, None)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(out)
-        free = shutil.disk_usage(out.parent).free
-        if free < plan.total_size:
-            raise space_error(out, plan.total_size, free)
-        tmp = make_tmp(out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(out)
+            free = shutil.disk_usage(out.parent).free
+            if free < plan.total_size:
+                raise space_error(out, plan.total_size, free)
+            tmp = make_tmp(out)
+        except OSError as err:
+            raise write_error(out, plan.total_size, err) from err
         try:
             nnz = write_shards(base_files, plan, tmp, delta_list, weight_list, progress)
             if len(shards) > 1:
                 (tmp / INDEX_NAME).write_text(json.dumps(index(plan), indent=2) + "\n", encoding="utf-8")
             copy_extras(base_folder, tmp, plan, base_files.config)
-            (tmp / "README.md").write_text(model_card(plan), encoding="utf-8")
+            card = model_card(plan, hub_base=_hub_base(base_id, base_revision, shared, force), hub_deltas=[
+                d.origin["repo_id"] for d in delta_list if d.origin.get("repo_id")
+            ])  # fmt: skip
+            (tmp / "README.md").write_text(card, encoding="utf-8")
             (tmp / CONFIG_NAME).write_text(plan.config.to_yaml(), encoding="utf-8")
             (tmp / MARKER).unlink()
             install_folder(tmp, out, overwrite)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            if err.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(err, OutOfSpaceError):
-                raise space_error(out, plan.total_size, None, err) from err
-            raise
+            mapped = write_error(out, plan.total_size, err)
+            if mapped is err:
+                raise
+            raise mapped from err
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     finally:
         base_files.close()
     return MergeResult(plan, out, nnz)
+
+
+def _hub_base(base_id: str, base_revision: str | None, shared: Mapping[str, Any], force: bool) -> str | None:
+    """The base's Hub id for the card: its own when it came from the Hub (or its cache), else the one the deltas
+    record, which the fingerprint check just confirmed (not under ``force``). None when neither is known."""
+    from ..identity import is_hub_id
+
+    if base_revision is not None and is_hub_id(base_id):
+        return base_id
+    recorded = shared.get("base_model")
+    return recorded if not force and is_hub_id(recorded) else None
 
 
 def _check_out(out: Path, base_folder: Path) -> None:

@@ -50,11 +50,16 @@ def resolve_model(ref: str | os.PathLike) -> tuple[Path, str, str | None]:
     downloaded with ``huggingface_hub.snapshot_download`` (weights, configs, tokenizer files only).
 
     Returns:
-        ``(folder, model id, revision)``; for a Hub id the revision is the resolved commit.
+        ``(folder, model id, revision)``; for a Hub id (or a folder in the HF cache) the model id is the repo id
+        and the revision the resolved commit; for another local folder, its path and None.
     """
     path = Path(ref)
     if path.exists():
-        return path, str(ref), None
+        # An HF-cache snapshot folder is named by its repo id and commit: say those, not the cache path.
+        from ..identity import model_identity
+
+        model_id, revision = model_identity(path)
+        return path, model_id or str(ref), revision
     text = os.fspath(ref)
     if not is_ref(text):
         raise PathNotFoundError(
@@ -62,19 +67,13 @@ def resolve_model(ref: str | os.PathLike) -> tuple[Path, str, str | None]:
             "'org/name' or 'org/name@revision'"
         )
     repo_id, revision = parse_ref(text)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from ..hub import fetch_snapshot
 
-    try:
-        folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS)
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"cannot download the model {text!r} from the Hub: {first}. Check the id and revision (and "
-            "HF_TOKEN for a private repo), or pass a local folder"
-        ) from err
-    # Snapshot folders are named by commit: the exact revision for the model card.
-    return Path(folder), repo_id, Path(folder).name
+    # The same guarded download as a delta's pull: one-line HubErrors, nothing written outside the cache.
+    folder, commit = fetch_snapshot(
+        repo_id, revision, allow_patterns=HUB_PATTERNS, action="download the model"
+    )
+    return folder, repo_id, commit
 
 
 @dataclass(frozen=True)
@@ -92,7 +91,9 @@ def _read_offsets(path: Path) -> dict[str, tuple[int, int]]:
     """``{name: (absolute start, byte length)}`` from a safetensors header, read by the format's one parser."""
     header, problems = read_header(path, path.name, dtypes=SAFETENSORS_DTYPES)
     if header is None:
-        raise CheckpointError(f"cannot read the base shard {path}:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise CheckpointError(
+            f"cannot read the base shard {path}:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
     return {k: (header.data_start + t.begin, t.end - t.begin) for k, t in header.tensors.items()}
 
 

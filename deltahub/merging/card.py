@@ -3,30 +3,36 @@ reproduces it."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
+
+from huggingface_hub import ModelCard, ModelCardData
 
 from .._dtypes import dtype_name
 from .._version import __version__
 from .plan import MergePlan
 
 
-def _yaml_str(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)  # a JSON string is a valid YAML scalar
+def card_metadata(hub_base: str | None, hub_deltas: Sequence[str]) -> ModelCardData:
+    """The merged model's Hub metadata: ``base_model`` lists what went in (the base, then each delta repo) by Hub
+    id, and ``base_model_relation: merge``; a base or delta known only by a local path is left out of it."""
+    models = list(dict.fromkeys([*([hub_base] if hub_base else []), *hub_deltas]))
+    data = ModelCardData(library_name="transformers", tags=["deltahub", "merge"])
+    if models:
+        data.base_model = models
+        data.base_model_relation = "merge"
+    return data
 
 
-def model_card(plan: MergePlan) -> str:
-    """The ``README.md`` of a merged model: the base, every delta with weight and revision, the method, and the
-    ``merge.yaml`` that reproduces it."""
-    front = [
-        "---",
-        "library_name: transformers",
-        f"base_model: {_yaml_str(plan.base)}",
-        "base_model_relation: merge",
-        "tags:",
-        "- deltahub",
-        "- merge",
-        "---",
-    ]
+def model_card(plan: MergePlan, *, hub_base: str | None = None, hub_deltas: Sequence[str] = ()) -> str:
+    """The ``README.md`` of a merged model: Hub metadata (:func:`card_metadata`), the base, every delta with weight
+    and revision, the method, and the ``merge.yaml`` that reproduces it.
+
+    Args:
+        plan: the merge's plan.
+        hub_base: the base's Hub id, when it has one (the card links the model tree to it).
+        hub_deltas: the Hub ids of the deltas that came from the Hub.
+    """
+    data = card_metadata(hub_base, hub_deltas)
     rows = [
         f"| {i} | `{d.source}` | {d.revision or '-'} | {d.weight:g} | {d.params} | {d.nnz:,} |"
         for i, d in enumerate(plan.deltas)
@@ -65,4 +71,4 @@ def model_card(plan: MergePlan) -> str:
         "```",
         "",
     ]
-    return "\n".join(front + body)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body)))

@@ -48,7 +48,7 @@ class MergeConfig:
     """A reproducible merge. ``MergeConfig.from_yaml(path)``, ``.to_yaml()``, and ``.merge_kwargs()`` for
     :func:`deltahub.merge` (``merge(**config.merge_kwargs())``)."""
 
-    base: str
+    base: str | None  # None: the base the deltas record
     deltas: tuple[DeltaEntry, ...]
     method: str = "sum"
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -83,8 +83,11 @@ class MergeConfig:
         unknown = sorted(set(data) - set(cls.KEYS))
         if unknown:
             problems.append(f"unknown keys {unknown}; valid: {list(cls.KEYS)}")
-        if not isinstance(data.get("base"), str):
-            problems.append("'base' must be a model folder or Hub id like 'org/name@revision'")
+        if data.get("base") is not None and not isinstance(data.get("base"), str):
+            problems.append(
+                "'base' must be a model folder or Hub id like 'org/name@revision' (or left out: the base the "
+                "deltas record)"
+            )
         entries = data.get("deltas")
         if not isinstance(entries, list) or not entries:
             problems.append("'deltas' must be a non-empty list of {path, weight, revision} entries")
@@ -111,7 +114,7 @@ class MergeConfig:
             options = {}
         if problems:
             raise MergeConfigError(f"invalid merge config {source}:\n" + "\n".join(f"  - {p}" for p in problems))
-        kwargs: dict[str, Any] = {"base": data["base"], "deltas": tuple(deltas), "options": dict(options)}
+        kwargs: dict[str, Any] = {"base": data.get("base"), "deltas": tuple(deltas), "options": dict(options)}
         for key in ("method", "dtype", "max_shard_size", "out"):
             if data.get(key) is not None:
                 kwargs[key] = data[key] if key == "max_shard_size" and isinstance(data[key], int) else str(data[key])
@@ -139,7 +142,7 @@ class MergeConfig:
         return kwargs
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"base": self.base, "deltas": []}
+        out: dict[str, Any] = {**({"base": self.base} if self.base is not None else {}), "deltas": []}
         for d in self.deltas:
             entry: dict[str, Any] = {"path": d.path, "weight": d.weight}
             if d.revision:
@@ -158,7 +161,7 @@ class MergeConfig:
     def to_yaml(self) -> str:
         """The config as YAML that :meth:`from_yaml` reads back to an equal config (strings quoted as JSON,
         which is valid YAML, so an id like ``org/yes`` or ``1e3`` is never read back as a bool or number)."""
-        lines = [f"base: {_scalar(self.base)}", "deltas:"]
+        lines = [*([f"base: {_scalar(self.base)}"] if self.base is not None else []), "deltas:"]
         for d in self.deltas:
             lines += [f"  - path: {_scalar(d.path)}", f"    weight: {d.weight!r}"]
             if d.revision:

@@ -4,6 +4,7 @@ tensors), the index, the base's other files, and the hidden temporary folder ren
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import mmap
@@ -26,7 +27,7 @@ from .._version import __version__
 from ..apply import add_in_place
 from ..checkpoint import CONFIG_NAME
 from ..delta import ParamDelta, SparseDelta
-from ..errors import CheckpointError, OutOfSpaceError
+from ..errors import CheckpointError, OutOfSpaceError, OutputNotWritableError
 from ..methods import combine_param, get_method
 from .base import (
     COPY_CHUNK,
@@ -233,15 +234,38 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _host_tag() -> str:
+    """Six hex digits naming this host, so a temporary folder's name says whose it is (shared filesystems)."""
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=3).hexdigest()
+
+
+# The tail of a temporary folder's name after ".NAME.": merge-PID-HOST-XXXXXXXX (see make_tmp).
+_TMP_NAME = re.compile(rf"{TMP_TAG}-(\d{{1,10}})-([0-9a-f]{{6}})-[0-9a-f]{{8}}")
+
+
+def _owner(tmp: Path, out: Path) -> tuple[str | None, int | None]:
+    """``(host, pid)`` of the merge that made ``tmp``: from its marker, else (the marker is removed just before
+    the final rename, so a kill in between leaves none) from its name; ``(None, None)`` when neither says."""
+    try:
+        marker = json.loads((tmp / MARKER).read_text(encoding="utf-8"))
+        pid = marker.get("pid")
+        if isinstance(marker.get("host"), str) and isinstance(pid, int) and not isinstance(pid, bool):
+            return marker["host"], pid
+    except (OSError, ValueError, AttributeError):
+        pass
+    match = _TMP_NAME.fullmatch(tmp.name[len(out.name) + 2 :])
+    if match and match.group(2) == _host_tag():
+        return socket.gethostname(), int(match.group(1))
+    return None, None
+
+
 def remove_stale(out: Path) -> None:
-    """Remove temporary folders that a killed merge into ``out`` left behind (their process is gone)."""
+    """Remove temporary folders that a killed merge into ``out`` left behind (their process is gone, on this host).
+    Folders whose owner cannot be told (not ours, or still being created) are left alone."""
     host = socket.gethostname()
     for tmp in out.parent.glob(f".{glob_escape(out.name)}.{TMP_TAG}-*"):
-        try:
-            marker = json.loads((tmp / MARKER).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # not ours, or still being created: leave it
-        if marker.get("host") == host and not _pid_alive(int(marker.get("pid", -1))):
+        owner, pid = _owner(tmp, out)
+        if owner == host and pid is not None and pid > 0 and not _pid_alive(pid):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -251,10 +275,32 @@ def glob_escape(text: str) -> str:
 
 def make_tmp(out: Path) -> Path:
     """The merge's hidden sibling, with a marker naming its process so a later merge can remove it if killed."""
-    tmp = fresh_sibling(out, f"{TMP_TAG}-{os.getpid()}")
+    tmp = fresh_sibling(out, f"{TMP_TAG}-{os.getpid()}-{_host_tag()}")
     marker = {"pid": os.getpid(), "host": socket.gethostname(), "deltahub": __version__}
     (tmp / MARKER).write_text(json.dumps(marker), encoding="utf-8")
     return tmp
+
+
+def write_error(out: Path, needed: int, err: OSError) -> OSError:
+    """The error to raise for ``err``, met while writing the merged model to ``out``: out of space, a read-only
+    filesystem, a file-size limit and a refused permission each say so and what to do; anything else as is."""
+    if isinstance(err, (OutOfSpaceError, OutputNotWritableError)):
+        return err
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return space_error(out, needed, None, err)
+    where = f"cannot write the merged model to {out}"
+    fix = {
+        errno.EROFS: f"{out.absolute().parent} is on a read-only file system; choose `out` on a writable disk",
+        errno.EFBIG: (
+            "a file would exceed the file-size limit (ulimit -f, or the filesystem's largest file); pass a "
+            "smaller `max_shard_size` (each output file is at most that) or choose `out` on another disk"
+        ),
+        errno.EACCES: f"permission denied for {err.filename or out.parent}; choose `out` in a folder you can write",
+        errno.EPERM: f"not permitted for {err.filename or out.parent}; choose `out` in a folder you can write",
+    }.get(err.errno)
+    if fix is None:
+        return err
+    return OutputNotWritableError(err.errno, f"{where}: {fix}; nothing was left behind")
 
 
 def space_error(out: Path, needed: int, free: int | None, err: OSError | None = None) -> OutOfSpaceError:

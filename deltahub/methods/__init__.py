@@ -12,7 +12,7 @@ Built-ins (one module each, registered below, explicitly): ``sum``, ``magnitude`
 another with :func:`register_method`.
 
 Example:
-    >>> merged = combine([math_delta, code_delta], [1.0, 0.7], method="ties", density=0.3)
+    >>> merged = combine([math_delta, code_delta], weights=[1.0, 0.7], method="ties", method_options={"density": 0.3})
 """
 
 from __future__ import annotations
@@ -24,18 +24,20 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..delta import ParamDelta, SparseDelta, common_base
 from ..errors import ArgumentTypeError, InvalidArgumentError, MethodOptionError, UnknownMethodError
-from ..sources import check_weights
 from ..sparse_ops import Entries
 from .dare import dare
 from .magnitude import magnitude
 from .sum import task_arithmetic
 from .ties import ties
+
+if TYPE_CHECKING:
+    from ..inputs import DeltaInputs, DeltaSource
 
 __all__ = [
     "MethodFunction",
@@ -43,6 +45,7 @@ __all__ = [
     "MethodSpec",
     "available_methods",
     "combine",
+    "combine_inputs",
     "get_method",
     "register_method",
     "resolve_options",
@@ -237,18 +240,6 @@ def resolve_options(method: str, options: Mapping[str, Any]) -> dict[str, float 
     return get_method(method).resolve(options)
 
 
-def _resolve_weights(deltas: Sequence[SparseDelta], weights: Sequence[float] | None) -> list[float]:
-    """Check the inputs of a multi-delta operation; weights default to 1 each. Raises ValueError/TypeError."""
-    if isinstance(deltas, SparseDelta) or not isinstance(deltas, Sequence):
-        raise ArgumentTypeError(f"expected a list of SparseDelta; got {type(deltas).__name__}")
-    bad = [f"{i} ({type(d).__name__})" for i, d in enumerate(deltas) if not isinstance(d, SparseDelta)]
-    if bad:
-        raise ArgumentTypeError(f"expected a list of SparseDelta; items {', '.join(bad)} are not")
-    if not deltas:
-        raise InvalidArgumentError("need at least one delta")
-    return check_weights(len(deltas), weights)
-
-
 def combine_param(
     spec: MethodSpec,
     options: Mapping[str, Any],
@@ -280,46 +271,61 @@ def combine_param(
     try:
         return ParamDelta(idx, vals, first.shape, first.dtype)
     except ValueError as e:
-        raise InvalidArgumentError(f"combination method {spec.name!r} gave an invalid result for {name}: {e}") from e
+        raise InvalidArgumentError(
+            f"combination method {spec.name!r} gave an invalid result for {name}: {e}"
+        ) from e
 
 
 def combine(
-    deltas: Sequence[SparseDelta],
+    deltas: Sequence[DeltaSource] | DeltaSource,
+    *,
     weights: Sequence[float] | None = None,
     method: str = "sum",
-    **options: Any,
+    method_options: Mapping[str, Any] | None = None,
+    force: bool = False,
 ) -> SparseDelta:
     """Combine several deltas of the same base into one with a registered method.
 
     Args:
-        deltas: the inputs, all for the same base (checked with :func:`deltahub.delta.common_base`).
+        deltas: the inputs (SparseDelta objects, delta folders or files, Hub ids ``org/name[@rev]``), all for
+            the same base (checked with :func:`deltahub.delta.common_base`).
         weights: one finite weight per delta (default 1 each); -1 subtracts.
         method: a name from :func:`available_methods` (``sum``, ``magnitude``, ``ties``, ``dare``).
-        **options: the method's options, e.g. ``density=0.3, seed=1`` for ``dare``.
+        method_options: the method's options, e.g. ``{"density": 0.3, "seed": 1}`` for ``dare``.
+        force: combine even when the deltas' base fingerprints disagree (shapes are always checked).
 
     Returns:
         A SparseDelta with float32 values, parameters in first-seen order, positions a subset of the inputs'
         union; every parameter an input touches is present (possibly with nnz 0 after trimming).
 
     Raises:
-        UnknownMethodError, MethodOptionError, ValueError (weights), BaseMismatchError; all before any work.
+        UnknownMethodError, MethodOptionError, ValueError (weights), TypeError, BaseMismatchError; all before
+        any work.
 
     Example:
-        >>> merged = combine([a, b], [1.0, -0.5], method="dare", density=0.2, seed=7)
+        >>> merged = combine([a, b], weights=[1.0, -0.5], method="dare", method_options={"density": 0.2})
     """
-    spec = get_method(method)
-    resolved = spec.resolve(options)
-    weights = _resolve_weights(deltas, weights)
-    base = common_base(deltas)
+    from ..inputs import validate_inputs
+
+    return combine_inputs(
+        validate_inputs(deltas, weights=weights, method=method, method_options=method_options, force=force)
+    )
+
+
+def combine_inputs(inputs: DeltaInputs) -> SparseDelta:
+    """:func:`combine` on inputs already checked by :func:`deltahub.inputs.validate_inputs`."""
+    spec = get_method(inputs.method)
+    deltas, weights = inputs.deltas, inputs.weights
+    base = common_base(deltas, force=inputs.force)
 
     names: dict[str, None] = {}  # an ordered set: parameters in first-seen order
     for d in deltas:
         names.update(dict.fromkeys(d))
-    params = {name: combine_param(spec, resolved, name, deltas, weights) for name in names}
+    params = {name: combine_param(spec, inputs.options, name, deltas, weights) for name in names}
     provenance = {
         "operation": "combine",
         "method": spec.name,
-        "options": resolved,
+        "options": dict(inputs.options),
         "inputs": [{"weight": w, "provenance": d.provenance} for d, w in zip(deltas, weights, strict=True)],
     }
     return SparseDelta(params, provenance=provenance, **base)

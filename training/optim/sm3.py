@@ -14,13 +14,27 @@ from typing import Any
 import torch
 
 
+def _delta_objects(deltas: Any) -> list[Any]:
+    """The delta objects in any of the accepted spellings (a mapping's values; triples' last item; objects)."""
+    items = deltas.values() if isinstance(deltas, Mapping) else deltas
+    out = [d[-1] if isinstance(d, tuple) else d for d in items]
+    bad = [type(d).__name__ for d in out if not hasattr(d, "values") or not hasattr(d, "indices")]
+    if bad:
+        raise TypeError(
+            f"SftSM3 deltas must have .values and .indices (pass model.active_deltas()); got {sorted(set(bad))}"
+        )
+    return out
+
+
 class SftSM3(torch.optim.Optimizer):
     """SM3 for sparse fine-tuning.
 
     Args:
         params: parameters or groups (the model's ``sft_values``; other parameters get per-element
             Adagrad-style accumulators, which is what SM3 reduces to for them).
-        deltas: ``model.active_deltas()``: tells which parameter is which weight's values, and their positions.
+        deltas: which parameter is which weight's values, and their positions: ``model.active_deltas()`` (its
+            ``(module, weight, delta)`` triples), ``model.active_deltas_by_name()``, or any mapping or iterable
+            of objects with ``.values`` and ``.indices`` (the SFT fork's ``{delta.values: delta ...}`` works).
         lr: step size (SM3 is scale-free like Adagrad: 0.1 is a usual start).
         momentum: in [0, 1); 0 disables the per-slot momentum buffer.
         eps: added under the square root.
@@ -56,7 +70,7 @@ class SftSM3(torch.optim.Optimizer):
         if problems:
             raise ValueError("invalid SftSM3 arguments: " + "; ".join(problems))
         super().__init__(params, {"lr": lr, "momentum": momentum, "eps": eps, "weight_decay": weight_decay})
-        self._deltas = {id(d.values): d for d in deltas.values()}
+        self._deltas = {id(d.values): d for d in _delta_objects(deltas)}
 
     def delta_of(self, param: torch.Tensor):
         return self._deltas.get(id(param))

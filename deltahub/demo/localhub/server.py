@@ -28,6 +28,12 @@ repo is a 404 RepoNotFound for anyone but its namespace's user / org members; wr
 namespace (401 without a token, 403 with another one). Tokens are never stored, and logs hold only request lines
 and error messages.
 
+Keeping users apart: repo ids are checked once, URL-decoded, against the Hub's naming rules where the store builds
+every disk path (``store.check_repo_id``), so an encoded ``..%2F`` cannot reach another namespace; LFS object ids must
+be sha256 hex (``store.check_oid``) and name blobs of that repo only. Who may send a body is decided from the headers
+before any body byte is read (a token where one is needed, a live upload ticket), and bodies are capped: 1 MiB
+anonymous, ``max_body_size`` authenticated, exactly the declared size for an LFS upload; 413 otherwise.
+
 Standalone: ``python -m deltahub.demo.localhub --port 8765 --root /tmp/hub --token hf_xxx:alice [--org acme:alice]``
 (``--port 0`` picks a free port; the URL is the first line on stdout).
 """
@@ -41,14 +47,22 @@ import re
 import secrets
 import sys
 import threading
-import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlsplit
+from http.server import ThreadingHTTPServer
+from urllib.parse import parse_qs
 
-from ...hub_ids import is_repo_id
+from .plumbing import (
+    DEFAULT_MAX_BODY_SIZE,
+    MAX_PENDING_UPLOADS,
+    PUBLIC,
+    TICKET,
+    USER,
+    RequestHandler,
+)
 from .store import (
     HubError,
     RepoStore,
+    check_oid,
+    check_repo_id,
     file_info,
     folder_info,
     list_tree,
@@ -58,33 +72,35 @@ from .store import (
 )
 
 # Raw (still URL-encoded) paths. A revision is one encoded segment ("refs%2Fpr%2F1") or a literal refs/pr/N.
+# The groups are URL-decoded before use, and a decoded repo id is checked once (store.check_repo_id, where every
+# disk path is built): "alice/..%2Fbob%2Fsecret" matches REPO but is refused.
 REPO = r"(?P<repo>[^/]+/[^/]+)"
 REV = r"(?P<rev>refs/(?:pr|convert)/[^/]+|[^/]+)"
 ROUTES = [
-    (method, re.compile(pattern), handler)
-    for method, pattern, handler in [
-        ("GET", r"/api/whoami-v2", "whoami"),
-        ("POST", r"/api/repos/create", "create_repo"),
-        ("DELETE", r"/api/repos/delete", "delete_repo"),
-        ("POST", r"/api/validate-yaml", "validate_yaml"),
-        ("GET", rf"/api/models/{REPO}(?:/revision/{REV})?", "repo_info"),
-        ("GET", rf"/api/models/{REPO}/tree/{REV}(?:/(?P<path>.*))?", "tree"),
-        ("POST", rf"/api/models/{REPO}/paths-info/{REV}", "paths_info"),
-        ("GET", rf"/api/models/{REPO}/refs", "list_refs"),
-        ("GET", rf"/api/models/{REPO}/commits/{REV}", "list_commits"),
-        ("POST", rf"/api/models/{REPO}/preupload/{REV}", "preupload"),
-        ("POST", rf"/api/models/{REPO}/commit/{REV}", "commit"),
-        ("POST", rf"/api/models/{REPO}/branch/(?P<name>[^/]+)", "create_branch"),
-        ("DELETE", rf"/api/models/{REPO}/branch/(?P<name>[^/]+)", "delete_ref"),
-        ("POST", rf"/api/models/{REPO}/tag/{REV}", "create_tag"),
-        ("DELETE", rf"/api/models/{REPO}/tag/(?P<name>[^/]+)", "delete_ref"),
-        ("POST", rf"/api/models/{REPO}/discussions", "create_pull_request"),
-        ("GET", rf"/api/models/{REPO}/discussions/(?P<num>\d+)", "pull_request"),
-        ("*", rf"/api/models/{REPO}/xet-[a-z]+-token/.*", "xet_unsupported"),
-        ("POST", rf"/{REPO}\.git/info/lfs/objects/batch", "lfs_batch"),
-        ("POST", rf"/{REPO}\.git/info/lfs/objects/verify", "lfs_verify"),
-        ("PUT", r"/_lfs_upload/(?P<ticket>[0-9a-f]+)", "lfs_put"),
-        ("GET", rf"/{REPO}/resolve/{REV}/(?P<path>.+)", "resolve"),  # HEAD is routed as GET
+    (method, re.compile(pattern), handler, access)
+    for method, pattern, handler, access in [
+        ("GET", r"/api/whoami-v2", "whoami", USER),
+        ("POST", r"/api/repos/create", "create_repo", USER),
+        ("DELETE", r"/api/repos/delete", "delete_repo", USER),
+        ("POST", r"/api/validate-yaml", "validate_yaml", PUBLIC),
+        ("GET", rf"/api/models/{REPO}(?:/revision/{REV})?", "repo_info", PUBLIC),
+        ("GET", rf"/api/models/{REPO}/tree/{REV}(?:/(?P<path>.*))?", "tree", PUBLIC),
+        ("POST", rf"/api/models/{REPO}/paths-info/{REV}", "paths_info", PUBLIC),
+        ("GET", rf"/api/models/{REPO}/refs", "list_refs", PUBLIC),
+        ("GET", rf"/api/models/{REPO}/commits/{REV}", "list_commits", PUBLIC),
+        ("POST", rf"/api/models/{REPO}/preupload/{REV}", "preupload", USER),
+        ("POST", rf"/api/models/{REPO}/commit/{REV}", "commit", USER),
+        ("POST", rf"/api/models/{REPO}/branch/(?P<name>[^/]+)", "create_branch", USER),
+        ("DELETE", rf"/api/models/{REPO}/branch/(?P<name>[^/]+)", "delete_ref", USER),
+        ("POST", rf"/api/models/{REPO}/tag/{REV}", "create_tag", USER),
+        ("DELETE", rf"/api/models/{REPO}/tag/(?P<name>[^/]+)", "delete_ref", USER),
+        ("POST", rf"/api/models/{REPO}/discussions", "create_pull_request", USER),
+        ("GET", rf"/api/models/{REPO}/discussions/(?P<num>\d+)", "pull_request", PUBLIC),
+        ("*", rf"/api/models/{REPO}/xet-[a-z]+-token/.*", "xet_unsupported", PUBLIC),
+        ("POST", rf"/{REPO}\.git/info/lfs/objects/batch", "lfs_batch", USER),
+        ("POST", rf"/{REPO}\.git/info/lfs/objects/verify", "lfs_verify", USER),
+        ("PUT", r"/_lfs_upload/(?P<ticket>[0-9a-f]{32})", "lfs_put", TICKET),
+        ("GET", rf"/{REPO}/resolve/{REV}/(?P<path>.+)", "resolve", PUBLIC),  # HEAD is routed as GET
     ]
 ]
 XET_UNSUPPORTED = (
@@ -93,98 +109,15 @@ XET_UNSUPPORTED = (
 )
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: the client pools its connections
-    server: _HTTPServer
+class _Handler(RequestHandler):
+    """The Hub API: one method per route of ROUTES."""
 
-    # ---- plumbing -------------------------------------------------------------------------------------------------
-    def do_GET(self):
-        self._dispatch()
-
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_GET
-
-    def log_message(self, format, *args):
-        # Also called before _dispatch (e.g. a malformed request line). Logs the request line, never headers.
-        self.server.hub.log(f"{self.address_string()} {format % args}")
-
-    def _dispatch(self):
-        self.hub: HubServer = self.server.hub
-        self.store: RepoStore = self.hub.store
-        split = urlsplit(self.path)
-        self.query = {key: values[-1] for key, values in parse_qs(split.query).items()}
-        # Always drain the body first, or the next request on this keep-alive socket would be garbage.
-        self.body = self._read_body()
-        method = "GET" if self.command == "HEAD" else self.command
-        try:
-            for route_method, pattern, handler in ROUTES:
-                match = pattern.fullmatch(split.path)
-                if match and route_method in (method, "*"):
-                    args = {
-                        key: unquote(value) for key, value in match.groupdict().items() if value is not None
-                    }
-                    return getattr(self, handler)(**args)
-            raise HubError(404, f"Not found: {self.command} {split.path}")
-        except HubError as err:
-            self.hub.log(f"  -> {err.status} {err.code or ''} {err.message}")
-            self._send_json(err.status, {"error": err.message, **err.extra}, err.code, err.headers)
-        except Exception as err:  # a server bug: answer 500 (the client retries those) and log the traceback
-            self.hub.log(traceback.format_exc())
-            self._send_json(500, {"error": f"test hub server bug: {err!r}"})
-
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":  # httpx streams file objects so
-            chunks = []
-            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-            while self.rfile.readline().strip():  # optional trailers, then the empty line
-                pass
-            return b"".join(chunks)
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
-
-    def _json_body(self) -> dict:
-        try:
-            return json.loads(self.body or b"{}")
-        except ValueError:
-            raise HubError(400, "Invalid JSON body") from None
-
-    def _flag(self, name: str) -> bool:
-        return self.query.get(name, "").lower() in ("1", "true")
-
-    def _send(self, status: int, body: bytes, headers: dict):
-        self.send_response(status)
-        for key, value in {"Content-Length": str(len(body)), **headers}.items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _send_json(self, status: int, payload, error_code: str | None = None, headers=None):
-        headers = {"Content-Type": "application/json", **(headers or {})}
-        if error_code:
-            headers["X-Error-Code"] = error_code
-        if status >= 400:
-            headers["X-Error-Message"] = payload["error"]
-        self._send(status, json.dumps(payload).encode(), headers)
+    routes = tuple(ROUTES)
 
     def _url(self, repo_id: str, suffix: str = "") -> str:
         return f"{self.hub.url}/{repo_id}{suffix}"
 
     # ---- auth -----------------------------------------------------------------------------------------------------
-    def _user(self, required: bool = False) -> str | None:
-        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
-        if not token:
-            if required:
-                raise HubError(401, "You must be authenticated to access this resource")
-            return None
-        user = self.hub.tokens.get(token) if scheme.lower() == "bearer" else None
-        if (
-            user is None
-        ):  # this exact message keeps the client from mapping the 401 to RepositoryNotFoundError
-            raise HubError(401, "Invalid credentials in Authorization header")
-        return user
-
     def _can_write(self, user: str | None, namespace: str) -> bool:
         return user is not None and (user == namespace or user in self.hub.orgs.get(namespace, ()))
 
@@ -219,13 +152,11 @@ class _Handler(BaseHTTPRequestHandler):
         namespace, name = body.get("organization") or user, body.get("name") or ""
         if body.get("type", "model") != "model":
             raise HubError(400, "This test server only hosts model repos")
-        if not is_repo_id(f"{namespace}/{name}"):
-            raise HubError(400, f"Invalid repo name: {name!r}")
+        repo_id = check_repo_id(f"{namespace}/{name}")
         if not self._can_write(user, namespace):
             raise HubError(
                 403, f"You don't have the rights to create a model under the namespace {namespace!r}"
             )
-        repo_id = f"{namespace}/{name}"
         # Current clients send `visibility`; older ones sent `private`.
         private = body.get("visibility", "private" if body.get("private") else "public") != "public"
         with self.store.lock:
@@ -236,7 +167,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def delete_repo(self):
         user, body = self._user(required=True), self._json_body()
-        repo_id = f"{body.get('organization') or user}/{body.get('name')}"
+        repo_id = check_repo_id(f"{body.get('organization') or user}/{body.get('name')}")
         with self.store.lock:
             self._repo(repo_id, write=True)
             self.store.delete(repo_id)
@@ -328,7 +259,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"files": out, "commitOid": sha})
 
     def commit(self, repo, rev):
-        lines = [json.loads(line) for line in self.body.splitlines() if line.strip()]
+        try:
+            lines = [json.loads(line) for line in self.body.splitlines() if line.strip()]
+        except (ValueError, RecursionError):
+            raise HubError(400, "The commit body must be NDJSON: one JSON object per line") from None
+        if not all(
+            isinstance(op, dict) and isinstance(op.get("key"), str) and isinstance(op.get("value"), dict)
+            for op in lines
+        ):
+            raise HubError(400, "Each commit line must be an object {'key': str, 'value': object}")
         if not lines or lines[0].get("key") != "header":
             raise HubError(400, "The first NDJSON line must be the commit header")
         header, create_pr = lines[0]["value"], self._flag("create_pr")
@@ -365,13 +304,22 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(400, "Only LFS uploads are served; downloads go through /resolve")
         self._repo(repo, write=True)
         objects = []
-        for obj in body.get("objects", []):
-            oid, size = str(obj.get("oid")), int(obj.get("size", 0))
+        for obj in body.get("objects") or []:
+            oid = check_oid(obj.get("oid") if isinstance(obj, dict) else None)
+            size = obj.get("size")
+            if not (
+                isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= self.hub.max_body_size
+            ):
+                raise HubError(
+                    422, f"LFS object {oid}: size must be an integer in [0, {self.hub.max_body_size}]"
+                )
             if self.store.blob_path(repo, oid).is_file():
                 objects.append({"oid": oid, "size": size})  # already stored: no actions, the client skips it
                 continue
             ticket = secrets.token_hex(16)  # a one-time "presigned" URL: the client PUTs there without auth
             with self.store.lock:
+                if len(self.hub.pending_uploads) >= MAX_PENDING_UPLOADS:
+                    raise HubError(429, "Too many unfinished LFS uploads; finish or retry them later")
                 self.hub.pending_uploads[ticket] = (repo, oid, size)
             actions = {
                 "upload": {"href": f"{self.hub.url}/_lfs_upload/{ticket}", "header": {}},
@@ -393,7 +341,7 @@ class _Handler(BaseHTTPRequestHandler):
     def lfs_verify(self, repo):
         self._repo(repo, write=True)
         body = self._json_body()
-        blob = self.store.blob_path(repo, str(body.get("oid")))
+        blob = self.store.blob_path(repo, check_oid(body.get("oid")))
         if not blob.is_file() or blob.stat().st_size != body.get("size"):
             raise HubError(404, f"LFS object {body.get('oid')} not found")
         self._send_json(200, {"success": True})
@@ -516,13 +464,24 @@ class HubServer:
     """A Hub-compatible server on 127.0.0.1 backed by ``root_dir``. Use as a context manager, or start() / stop().
 
     ``tokens``: {bearer token: user}; ``orgs``: {org: [member users]}; ``port=0`` picks a free port (see ``.url``);
-    ``lfs=False`` makes every upload inline (see the module docstring); ``echo_log`` also prints the log to stderr.
+    ``lfs=False`` makes every upload inline (see the module docstring); ``echo_log`` also prints the log to stderr;
+    ``max_body_size`` caps an authenticated request's body (anonymous ones: ``ANONYMOUS_BODY_LIMIT``).
     """
 
     def __init__(
-        self, root_dir, tokens=None, *, orgs=None, host="127.0.0.1", port=0, lfs=True, echo_log=False
+        self,
+        root_dir,
+        tokens=None,
+        *,
+        orgs=None,
+        host="127.0.0.1",
+        port=0,
+        lfs=True,
+        echo_log=False,
+        max_body_size=DEFAULT_MAX_BODY_SIZE,
     ):
         self.store = RepoStore(root_dir)
+        self.max_body_size = int(max_body_size)
         self.tokens: dict[str, str] = dict(tokens or {})
         self.orgs: dict[str, list[str]] = {org: list(members) for org, members in (orgs or {}).items()}
         self.lfs, self.echo_log = lfs, echo_log
@@ -578,11 +537,25 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--no-lfs", action="store_true", help="commit every file inline (works with Xet enabled)"
     )
+    parser.add_argument(
+        "--max-body-size",
+        type=int,
+        default=DEFAULT_MAX_BODY_SIZE,
+        metavar="BYTES",
+        help="largest request body an authenticated client may send (default: 1 GiB)",
+    )
     args = parser.parse_args(argv)
     tokens = dict(item.rsplit(":", 1) for item in args.token)
     orgs = {org: members.split(",") for org, members in (item.split(":", 1) for item in args.org)}
     server = HubServer(
-        args.root, tokens, orgs=orgs, host=args.host, port=args.port, lfs=not args.no_lfs, echo_log=True
+        args.root,
+        tokens,
+        orgs=orgs,
+        host=args.host,
+        port=args.port,
+        lfs=not args.no_lfs,
+        echo_log=True,
+        max_body_size=args.max_body_size,
     )
     server.start()
     print(server.url, flush=True)  # first stdout line, for callers that passed --port 0

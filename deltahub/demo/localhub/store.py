@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from ...hub_ids import is_repo_id
+
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024  # the Hub refuses regular (non-LFS) files of 10 MiB or more
 # The (abridged) .gitattributes the Hub puts in the initial commit of a new model repo.
 DEFAULT_GITATTRIBUTES = """\
@@ -43,6 +45,7 @@ DEFAULT_GITATTRIBUTES = """\
 *tfevents* filter=lfs diff=lfs merge=lfs -text
 """
 SHA40 = re.compile(r"[0-9a-f]{40}")
+OID = re.compile(r"[0-9a-f]{64}")  # an LFS object id: the content's sha256, which also names its blob file
 
 
 class HubError(Exception):
@@ -156,6 +159,21 @@ def list_tree(files: dict, path: str, recursive: bool) -> list[dict]:
     return list(entries.values())
 
 
+def check_repo_id(repo_id: object) -> str:
+    """``repo_id`` (already URL-decoded) when it follows the Hub's rules, else 400. Every disk path of a repo is
+    built from an id that passed here, so an id can never name another user's folder ("alice/../bob/x")."""
+    if not is_repo_id(repo_id):
+        raise HubError(400, f"Invalid repo id: {str(repo_id)[:200]!r}")
+    return repo_id  # type: ignore[return-value]
+
+
+def check_oid(oid: object) -> str:
+    """An LFS object id must be 64 lowercase hex digits (a sha256): it becomes a file name under blobs/."""
+    if not isinstance(oid, str) or not OID.fullmatch(oid):
+        raise HubError(422, f"Invalid LFS object id {str(oid)[:80]!r}: expected a sha256 (64 hex digits)")
+    return oid
+
+
 def check_path(path) -> str:
     if (
         not isinstance(path, str)
@@ -176,7 +194,7 @@ class RepoStore:
         self.lock = threading.RLock()
 
     def _dir(self, repo_id: str) -> Path:
-        return self.root / "repos" / repo_id
+        return self.root / "repos" / check_repo_id(repo_id)
 
     def load(self, repo_id: str) -> dict | None:
         path = self._dir(repo_id) / "repo.json"
@@ -193,7 +211,7 @@ class RepoStore:
         shutil.rmtree(self._dir(repo_id))
 
     def blob_path(self, repo_id: str, sha256: str) -> Path:
-        return self._dir(repo_id) / "blobs" / sha256
+        return self._dir(repo_id) / "blobs" / check_oid(sha256)
 
     def put_blob(self, repo_id: str, data: bytes) -> str:
         sha256 = hashlib.sha256(data).hexdigest()
@@ -262,14 +280,24 @@ class RepoStore:
         """Apply one NDJSON commit operation to the `files` snapshot being built."""
         path = check_path(value.get("path"))
         if key == "file":
-            content = value["content"]
-            content = base64.b64decode(content) if value.get("encoding") == "base64" else content.encode()
+            content = value.get("content")
+            if not isinstance(content, str):
+                raise HubError(400, f"File {path}: 'content' must be a string")
+            try:
+                content = (
+                    base64.b64decode(content, validate=True)
+                    if value.get("encoding") == "base64"
+                    else content.encode()
+                )
+            except ValueError:
+                raise HubError(400, f"File {path}: 'content' is not valid base64") from None
             files[path] = file_entry(self.put_blob(repo_id, content), content)
         elif key == "lfsFile":  # the content came earlier through the LFS batch API
-            blob = self.blob_path(repo_id, str(value.get("oid")))
+            oid = check_oid(value.get("oid"))
+            blob = self.blob_path(repo_id, oid)
             if not blob.is_file():
-                raise HubError(422, f"LFS object {value.get('oid')} for {path} was not uploaded to this repo")
-            files[path] = file_entry(value["oid"], lfs_size=blob.stat().st_size)
+                raise HubError(422, f"LFS object {oid} for {path} was not uploaded to this repo")
+            files[path] = file_entry(oid, lfs_size=blob.stat().st_size)
         elif key == "deletedFile":
             if files.pop(path, None) is None:
                 raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
