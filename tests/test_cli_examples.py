@@ -20,7 +20,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, constants
 from safetensors.torch import load_file, save_file
-from tiny import random_delta, save_char_tokenizer, tiny_llama
+from tiny import chat_tokenizer, random_delta, save_char_tokenizer, tiny_llama
 
 import deltahub
 from deltahub.cli import main
@@ -72,9 +72,16 @@ def _fixtures(root: Path) -> None:
         base.save_pretrained(root / name)
         save_char_tokenizer(root / name)
     (root / "plays.txt").write_text("to be or not to be, that is the question.\n" * 200)
-    (root / "data.jsonl").write_text(
-        "".join(json.dumps({"text": f"a line of text, {i}."}) + "\n" for i in range(300))
-    )
+    (root / "data.jsonl").write_text("".join(json.dumps({"text": f"a line of text, {i}."}) + "\n" for i in range(300)))
+    # instruction data for `train`: a chat model (the tiny one with a chat template) and conversations
+    base.save_pretrained(root / "smollm2-instruct")
+    chat_tokenizer().save_pretrained(root / "smollm2-instruct")
+    chats = [[{"role": "user", "content": f"what is {i} plus one?"}, {"role": "assistant", "content": f"{i + 1}."}]
+             for i in range(120)]  # fmt: skip
+    (root / "chats.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    import pandas as pd
+
+    pd.DataFrame({"text": [f"a row of text, {i}." for i in range(300)]}).to_parquet(root / "data.parquet")
     for i, name in enumerate(("math-delta", "style-delta", "a", "b")):
         # math-delta names its base by the id the loopback Hub holds it under: `merge acme/math-delta@v1` alone
         base_model = "meta-llama/Llama-3.2-1B" if name == "math-delta" else "tiny"

@@ -58,3 +58,20 @@ CHARS = "abcdefghijklmnopqrstuvwxyz .,;:!?'\n"
 def save_char_tokenizer(folder) -> None:
     """A character-level fast tokenizer (ids < 64, so it fits the tiny models' vocabulary), built offline."""
     demo_tiny.char_tokenizer(CHARS).save_pretrained(folder)
+
+
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+# A ChatML-like template: each turn is <|role|>content<|end|> and a newline.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def chat_tokenizer(template: str | None = CHAT_TEMPLATE):
+    """The character tokenizer plus one special token per chat marker (ids 37-40, within the tiny vocabulary),
+    with ``template`` as its chat template."""
+    tokenizer = demo_tiny.char_tokenizer(CHARS)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(CHAT_TOKENS)})
+    tokenizer.chat_template = template
+    return tokenizer

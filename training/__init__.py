@@ -13,7 +13,9 @@ Example:
 
 from .compat import TaskType, get_peft_config, get_peft_model
 from .config import SftConfig
+from .data import load_instruction_dataset
 from .errors import SftConfigError, SftStateError
+from .fsdp import shard_sft_model
 from .model import ActiveDelta, get_sft_model, unwrap_sft_model
 from .optim import SftAdamW, SftSM3
 from .selector import SftSelector
@@ -32,5 +34,7 @@ __all__ = [
     "get_peft_config",
     "get_peft_model",
     "get_sft_model",
+    "load_instruction_dataset",
+    "shard_sft_model",
     "unwrap_sft_model",
 ]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import sddmm
+from . import fsdp, sddmm
 
 try:  # GPT-2 style models use transformers' Conv1D: a linear layer with a transposed [in, out] weight.
     from transformers.pytorch_utils import Conv1D
@@ -43,17 +43,31 @@ class SftLayerMixin:
 
     sft_transposed = False  # weight stored [in, out] (Conv1D) instead of [out, in]
 
+    sft_shard = None  # under FSDP2 (training/fsdp.py): the weight's sharded parameter, which outlives forward
+
     def sft_sync(self) -> None:
         """Write ``round(base + values)`` into the weight at the active positions if the values changed."""
         values = self.sft_values
         if values._version == self._sft_synced_version:
             return
         with torch.no_grad():
-            effective = (self.sft_base.to(torch.float32) + values.detach().to(torch.float32)).to(
-                self.weight.dtype
-            )
-            self.weight.data.view(-1).index_copy_(0, self.sft_indices, effective)
+            effective = self.sft_base.to(torch.float32) + values.detach().to(torch.float32)
+            self.sft_write(self.sft_indices, effective)
         self._sft_synced_version = values._version
+
+    def sft_write(self, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Set the weight at flat ``positions`` (rounded once into its dtype)."""
+        weight = self.weight
+        if fsdp.is_sharded(weight):
+            self.__dict__["sft_shard"] = weight
+        fsdp.write(weight, positions, values)
+        if self.sft_shard is not None and self.sft_shard is not weight:
+            # inside an FSDP forward: ``weight`` is the gathered copy in use now; the shard feeds later gathers
+            fsdp.write(self.sft_shard, positions, values)
+
+    def sft_read(self, positions: torch.Tensor) -> torch.Tensor:
+        """The weight at flat ``positions`` (a collective on a sharded weight: every rank must call it)."""
+        return fsdp.read(self.sft_shard if self.sft_shard is not None else self.weight, positions)
 
     def sft_mark_synced(self) -> None:
         self._sft_synced_version = self.sft_values._version
@@ -183,11 +197,11 @@ def detach(module: SftLayerMixin, *, merge: bool) -> nn.Module:
             module._sft_synced_version = -1
             module.sft_sync()
         else:
-            module.weight.data.view(-1).index_copy_(0, module.sft_indices, module.sft_base)
+            module.sft_write(module.sft_indices, module.sft_base)
     base_cls = next(c for c, s in layer_classes().items() if s is type(module))
     del module.sft_values
     del module._buffers["sft_indices"], module._buffers["sft_base"]
-    for attr in ("sft_name", "sft_observer", "_sft_pattern", "_sft_synced_version"):
+    for attr in ("sft_name", "sft_observer", "_sft_pattern", "_sft_synced_version", "sft_shard"):
         module.__dict__.pop(attr, None)
     module.__class__ = base_cls
     return module

@@ -20,6 +20,7 @@ from . import sddmm
 from .config import SftConfig
 from .errors import SftConfigError, SftStateError
 from .layer import SftLayerMixin, attach, detach, layer_classes
+from .saving import push_to_hub, save_pretrained
 
 
 @dataclass(frozen=True)
@@ -129,10 +130,11 @@ def get_sft_model(model: nn.Module, config: SftConfig) -> nn.Module:
     """Prepare ``model`` for sparse fine-tuning, in place, and return it.
 
     Every parameter is frozen; each targeted linear layer gets ``k_W`` trainable values (zero, so the model is
-    unchanged) at uniformly random positions. The model still trains, evaluates, generates and saves like
-    itself: its weights hold base + values, so ``save_pretrained`` writes the fine-tuned model. It gains:
-    ``model.sft_config``, ``model.active_deltas()`` (and ``model.active_deltas_by_name()``), ``model.to_delta()``, ``model.sft_state_dict()`` and
-    ``model.load_sft_state_dict(state)``.
+    unchanged) at uniformly random positions. The model still trains, evaluates and generates like itself (its
+    weights hold base + values). It gains: ``model.sft_config``, ``model.active_deltas()`` (and
+    ``model.active_deltas_by_name()``), ``model.to_delta()``, ``model.sft_state_dict()`` and
+    ``model.load_sft_state_dict(state)``, and its ``save_pretrained(dir)`` / ``push_to_hub(repo_id)`` write /
+    upload the delta (``full_model=True``: the plain fine-tuned model).
 
     Example:
         >>> model = get_sft_model(AutoModelForCausalLM.from_pretrained(path), SftConfig(density=0.01))
@@ -239,35 +241,47 @@ def to_delta(
 
 
 def sft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Positions, values and base values of every layer (slot order), for checkpoints."""
+    """Positions and values of every layer, in slot order (the order optimizer state follows), for
+    checkpoints. The base values at the positions are not included: loading reads them from the base."""
     out = {}
     for name, layer in prepared_layers(model).items():
         out[f"{name}.indices"] = layer.sft_indices.detach().clone()
         out[f"{name}.values"] = layer.sft_values.detach().clone()
-        out[f"{name}.base"] = layer.sft_base.detach().clone()
     return out
 
 
 def load_sft_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Restore :func:`sft_state_dict` (in place: the values Parameter objects, and so optimizer references,
-    stay the same) and rewrite the weights' active positions."""
+    stay the same) and rewrite the weights' active positions. The model must hold the same base it was trained
+    on (its weights supply the base values at the restored positions); under FSDP every rank must call this."""
     layers = prepared_layers(model)
-    expected = {f"{n}.{part}" for n in layers for part in ("indices", "values", "base")}
+    expected = {f"{n}.{part}" for n in layers for part in ("indices", "values")}
     if set(state) != expected:
         missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
         raise SftStateError(f"SFT state does not fit this model: missing {missing}, unexpected {extra}")
+    problems = []
+    for name, layer in layers.items():
+        indices, values = state[f"{name}.indices"], state[f"{name}.values"]
+        k, numel = layer.sft_indices.numel(), layer.weight.numel()
+        if indices.shape != (k,) or values.shape != (k,):
+            problems.append(f"{name}: saved state has {indices.numel()} slots, the model {k}")
+        elif indices.dtype.is_floating_point or (
+            k and not 0 <= int(indices.min()) <= int(indices.max()) < numel
+        ):
+            problems.append(f"{name}: saved positions are not integers in [0, {numel})")
+        elif torch.unique(indices).numel() != k:
+            problems.append(f"{name}: saved positions repeat")
+    if problems:
+        raise SftStateError("SFT state does not fit this model: " + "; ".join(problems))
     with torch.no_grad():
         for name, layer in layers.items():
-            indices, values, base = (state[f"{name}.{part}"] for part in ("indices", "values", "base"))
-            if indices.numel() != layer.sft_indices.numel():
-                raise SftStateError(
-                    f"{name}: saved state has {indices.numel()} slots, the model {layer.sft_indices.numel()}"
-                )
+            indices, values = state[f"{name}.indices"], state[f"{name}.values"]
+            device = layer.sft_indices.device
             # Put the current active positions back to base first: the new positions may differ.
-            layer.weight.data.view(-1).index_copy_(0, layer.sft_indices, layer.sft_base)
-            layer.sft_indices.copy_(indices)
-            layer.sft_base.copy_(base)
-            layer.sft_values.copy_(values)
+            layer.sft_write(layer.sft_indices, layer.sft_base)
+            layer.sft_indices.copy_(indices.to(device))
+            layer.sft_base.copy_(layer.sft_read(layer.sft_indices))
+            layer.sft_values.copy_(values.to(device))
             layer.sft_invalidate_pattern()
             layer._sft_synced_version = -1
             layer.sft_sync()
@@ -283,4 +297,12 @@ def unwrap_sft_model(model: nn.Module, *, merge: bool = True) -> nn.Module:
     return model
 
 
-_BOUND: Iterable = (active_deltas, active_deltas_by_name, to_delta, sft_state_dict, load_sft_state_dict)
+_BOUND: Iterable = (
+    active_deltas,
+    active_deltas_by_name,
+    to_delta,
+    sft_state_dict,
+    load_sft_state_dict,
+    save_pretrained,
+    push_to_hub,
+)

@@ -10,16 +10,19 @@ state) and switches RigL's dense-gradient observation on for the steps of the ne
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .checkpoint import load_optimizer_state, read_checkpoint, write_checkpoint
 from .config import SftConfig
 from .errors import SftConfigError, SftStateError
 from .model import prepared_layers
-from .optim import SftAdamW, SftSM3
+from .optim import SftAdamW, SftSM3, unwrap_optimizer
 from .selection.rigl import RiglStats, grow_rigl
 from .selection.schedule import Schedule
 from .selection.sm3 import grow_sm3
@@ -58,11 +61,7 @@ class SftSelector:
             raise SftConfigError(
                 f"grad_accumulation_steps must be a positive integer; got {grad_accumulation_steps!r}"
             )
-        # accelerate (and so Trainer) wraps the optimizer; slot resets need the real one
-        while not isinstance(optimizer, (SftAdamW, SftSM3)) and isinstance(
-            getattr(optimizer, "optimizer", None), torch.optim.Optimizer
-        ):
-            optimizer = optimizer.optimizer
+        optimizer = unwrap_optimizer(optimizer)  # accelerate (and so Trainer) wraps it; slot resets need ours
         if self.config.selection_algorithm == "sm3" and not isinstance(optimizer, SftSM3):
             raise SftConfigError(
                 "selection_algorithm='sm3' scores positions with SftSM3's row/column accumulators; build the "
@@ -162,10 +161,9 @@ class SftSelector:
         if slots.numel() == 0:
             return
         layer.sft_sync()  # the last optimizer step's values must reach the weight before we mark it synced
-        flat = layer.weight.data.view(-1)
-        flat.index_copy_(0, layer.sft_indices[slots], layer.sft_base[slots])  # old positions back to base
+        layer.sft_write(layer.sft_indices[slots], layer.sft_base[slots])  # old positions back to base
         layer.sft_indices[slots] = positions
-        layer.sft_base[slots] = flat.index_select(0, positions)  # inactive until now: these are base values
+        layer.sft_base[slots] = layer.sft_read(positions)  # inactive until now: these are base values
         layer.sft_values[slots] = 0  # new slots add nothing yet, so the weight needs no rewrite
         layer.sft_invalidate_pattern()
         layer.sft_mark_synced()
@@ -179,9 +177,24 @@ class SftSelector:
             )
 
     # -- checkpoints ---------------------------------------------------------------------------------------
+    def save_checkpoint(self, folder: str | os.PathLike) -> Path:
+        """Write an adapter-only checkpoint (``sft_state.safetensors``: positions, values, window statistics and
+        the optimizer's state, never the base) into ``folder``; call it on one rank (the state is replicated)."""
+        return write_checkpoint(folder, self.model, self.state_dict(), self.optimizer)
+
+    def load_checkpoint(self, folder: str | os.PathLike) -> None:
+        """Resume from :meth:`save_checkpoint`'s folder on a freshly prepared copy of the same base (every rank
+        calls it). Training continues bit-identically to a run that was never interrupted, provided the loop
+        feeds the same batches from here on."""
+        checkpoint = read_checkpoint(folder)
+        checkpoint.check_fits(self.model)
+        self.load_state_dict(checkpoint.selector_state())
+        if checkpoint.optimizer is not None:
+            load_optimizer_state(self.optimizer, self.model, checkpoint.optimizer)
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: step, window statistics and the model's SFT state (positions,
-        values, base values). Works with ``accelerator.register_for_checkpointing(selector)``."""
+        values). Works with ``accelerator.register_for_checkpointing(selector)``."""
         return {
             "global_step": self.global_step,
             "stats": {name: s.state_dict() for name, s in self.stats.items()},
@@ -196,5 +209,8 @@ class SftSelector:
         for name, s in state["stats"].items():
             layer = self.layers[name]
             self.stats[name] = RiglStats(layer.weight.numel(), layer.sft_indices.numel(), self.group)
-            self.stats[name].load_state_dict(s)
+            device = layer.sft_values.device
+            self.stats[name].load_state_dict(
+                {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+            )
         self._observe(self.schedule.in_window(self.global_step + 1))

@@ -4,8 +4,11 @@ During a selection window each micro-batch's dense weight gradient (the product 
 observed once, in the layer's backward. On the first observation a candidate set of ``2k`` positions with the
 largest ``|g|`` is chosen (twice the slots, so enough candidates remain after excluding kept positions);
 afterwards only the candidates' sum of g and of g^2 (per update step) are kept: O(k) memory, never a dense
-accumulator. In multi-process runs the first gradient is all-reduced before choosing candidates and the sums
-before growing, so every rank picks the same positions.
+accumulator. In multi-process runs the first gradient is all-reduced before choosing candidates, and each update
+step's candidate gradient is averaged over the ranks before it is folded into the sums: every rank then holds
+the same statistics (a checkpoint of one rank is complete) and picks the same positions, and the squared sums are
+those of the global batch's gradient, as in a single-process run on the union of the ranks' batches (summing
+each rank's squares instead would add the ranks' disagreement to AdamW's seeded second moment).
 """
 
 from __future__ import annotations
@@ -44,21 +47,18 @@ class RiglStats:
         """Fold the finished update step's gradient (summed over its micro-batches) into the window's sums."""
         if self.current is None:
             return
+        if self.group is not None:
+            dist.all_reduce(self.current, group=self.group)
+            self.current /= dist.get_world_size(self.group)
         self.sum_g += self.current
         self.sum_g2 += self.current * self.current
         self.current.zero_()
         self.steps += 1
 
     def means(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean gradient and mean squared gradient per candidate over the window (over ranks too)."""
-        sum_g, sum_g2 = self.sum_g, self.sum_g2
-        if self.group is not None:
-            both = torch.stack([sum_g, sum_g2])
-            dist.all_reduce(both, group=self.group)
-            world = dist.get_world_size(self.group)
-            sum_g, sum_g2 = both[0] / world, both[1] / world
+        """Mean gradient and mean squared gradient per candidate over the window's update steps."""
         steps = max(self.steps, 1)
-        return sum_g / steps, sum_g2 / steps
+        return self.sum_g / steps, self.sum_g2 / steps
 
     def state_dict(self) -> dict:
         return {
