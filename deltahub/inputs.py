@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any, Union
 
 from .errors import ArgumentTypeError, InvalidArgumentError
 
-if TYPE_CHECKING:  # the checks need no torch: the merge's fast path runs them before (instead of) importing it
+if (
+    TYPE_CHECKING
+):  # the checks need no torch: the merge's fast path runs them before (instead of) importing it
     from .delta import SparseDelta
 
 DeltaSource = Union["SparseDelta", str, os.PathLike]

@@ -441,5 +441,7 @@ def test_a_hub_base_with_revision(hub_env, setup):
     card = (result.out / "README.md").read_text()
     data = ModelCard(card).data
     assert data.base_model == [repo] and data.base_model_relation == "merge" and commit in card
-    with pytest.raises(deltahub.errors.HubRevisionNotFoundError, match=r"cannot download the model .*@no-such-branch"):
+    with pytest.raises(
+        deltahub.errors.HubRevisionNotFoundError, match=r"cannot download the model .*@no-such-branch"
+    ):
         merge(f"{repo}@no-such-branch", paths, out=root / "x", progress=False)

@@ -228,7 +228,11 @@ def test_dare_keep_rate_and_expectation():
     mean = torch.zeros(10)
     seeds = 400
     for seed in range(seeds):
-        mean += combine([A, B], weights=[1.0, 0.5], method="dare", method_options={"density": 0.5, "seed": seed}).dense("w").view(-1)
+        mean += (
+            combine([A, B], weights=[1.0, 0.5], method="dare", method_options={"density": 0.5, "seed": seed})
+            .dense("w")
+            .view(-1)
+        )
     target = combine([A, B], weights=[1.0, 0.5]).dense("w").view(-1)
     # At density 0.5 each weighted input v is kept (as 2v) or dropped with equal odds: standard deviation |v|
     # per seed, so |v| / sqrt(400) for the mean; per position, 5 sigma of the inputs that land there.

@@ -33,17 +33,43 @@ class ExitCode:
 # First match wins, so subclasses come before the classes they refine. Every deltahub error also inherits a
 # builtin (see deltahub.errors); the builtins below catch what the libraries underneath raise for the same kind.
 EXIT_CODES: tuple[ExitCode, ...] = (
-    ExitCode(2, "usage: a bad flag, argument or option value", (click.UsageError, E.InvalidArgumentError,
-             E.UnknownMethodError, E.MethodOptionError, E.MergeConfigError)),
-    ExitCode(3, "not found: a missing file, folder, Hub repo or revision",
-             (E.HubRepoNotFoundError, E.HubRevisionNotFoundError, FileNotFoundError)),
-    ExitCode(4, "the output exists: pass the verb's --overwrite (or choose another --out)",
-             (E.DeltaExistsError, FileExistsError)),
-    ExitCode(5, "invalid input: a malformed delta, checkpoint or Hub repo that holds no delta, or an adapter "
-             "`deltahub convert` must turn into one first",
-             (E.DeltaFormatError, E.CheckpointError, E.NotADeltaError, E.ExtractionError,
-              E.UnconvertedAdapterError, E.ConversionError)),
-    ExitCode(6, "wrong base: a delta does not belong to the base model (see --force)", (E.BaseMismatchError,)),
+    ExitCode(
+        2,
+        "usage: a bad flag, argument or option value",
+        (
+            click.UsageError,
+            E.InvalidArgumentError,
+            E.UnknownMethodError,
+            E.MethodOptionError,
+            E.MergeConfigError,
+        ),
+    ),
+    ExitCode(
+        3,
+        "not found: a missing file, folder, Hub repo or revision",
+        (E.HubRepoNotFoundError, E.HubRevisionNotFoundError, FileNotFoundError),
+    ),
+    ExitCode(
+        4,
+        "the output exists: pass the verb's --overwrite (or choose another --out)",
+        (E.DeltaExistsError, FileExistsError),
+    ),
+    ExitCode(
+        5,
+        "invalid input: a malformed delta, checkpoint or Hub repo that holds no delta, or an adapter "
+        "`deltahub convert` must turn into one first",
+        (
+            E.DeltaFormatError,
+            E.CheckpointError,
+            E.NotADeltaError,
+            E.ExtractionError,
+            E.UnconvertedAdapterError,
+            E.ConversionError,
+        ),
+    ),
+    ExitCode(
+        6, "wrong base: a delta does not belong to the base model (see --force)", (E.BaseMismatchError,)
+    ),
     ExitCode(7, "Hub authentication: a missing, invalid or read-only token", (E.HubAuthError,)),
     ExitCode(
         8,

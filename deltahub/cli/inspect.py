@@ -36,7 +36,9 @@ def inspect(deltas: tuple[str, ...], as_json: bool, plot: Path | None) -> None:
     inputs = validate_inputs(list(deltas))
     summaries = [delta_summary(d, src) for d, src in zip(inputs.deltas, deltas, strict=True)]
     report = overlap_inputs(inputs) if len(inputs.deltas) > 1 else None
-    plotted = plot_summary(summaries, report.to_dict() if report else None, plot) if plot is not None else None
+    plotted = (
+        plot_summary(summaries, report.to_dict() if report else None, plot) if plot is not None else None
+    )
     if as_json:
         click.echo(
             json.dumps({"deltas": summaries, "overlap": report.to_dict() if report else None}, indent=2)

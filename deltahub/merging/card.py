@@ -10,7 +10,9 @@ from .._dtypes import dtype_name
 from .._version import __version__
 from .plan import MergePlan
 
-if TYPE_CHECKING:  # huggingface_hub's card module costs 0.25 s to import (tqdm, the Hub API): only when writing one
+if (
+    TYPE_CHECKING
+):  # huggingface_hub's card module costs 0.25 s to import (tqdm, the Hub API): only when writing one
     from huggingface_hub import ModelCardData
 
 

@@ -113,7 +113,9 @@ class MergeConfig:
             problems.append("'options' must be a mapping like {density: 0.5}")
             options = {}
         if problems:
-            raise MergeConfigError(f"invalid merge config {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+            raise MergeConfigError(
+                f"invalid merge config {source}:\n" + "\n".join(f"  - {p}" for p in problems)
+            )
         kwargs: dict[str, Any] = {"base": data.get("base"), "deltas": tuple(deltas), "options": dict(options)}
         for key in ("method", "dtype", "max_shard_size", "out"):
             if data.get(key) is not None:
