@@ -15,7 +15,7 @@ def _local(source: str, token: str | None) -> Path:
     """A local folder for ``source``: itself, or a Hub adapter repo downloaded into the HF cache (its adapter
     files only)."""
     from ..errors import PathNotFoundError
-    from ..hub import _hub_errors
+    from ..hub_errors import hub_errors
     from ..hub_ids import is_ref, parse_ref
 
     path = Path(source)
@@ -28,7 +28,7 @@ def _local(source: str, token: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
     repo_id, revision = parse_ref(source)
-    with _hub_errors("pull", repo_id, revision or "main", None, token):
+    with hub_errors("pull", repo_id, revision or "main", None, token):
         return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=_ADAPTER_FILES))
 
 
