@@ -28,7 +28,13 @@ GOLDEN_HEADER = (
     '\\"parameters\\":{\\"model.layers.0.mlp.down_proj.weight\\":{\\"shape\\":[2,4],\\"dtype\\":'
     '\\"bfloat16\\",\\"nnz\\":3,\\"storage\\":\\"bitmap\\"},\\"model.norm.weight\\":{\\"shape\\":[3],'
     '\\"dtype\\":\\"float32\\",\\"nnz\\":3,\\"storage\\":\\"dense\\"}},\\"fingerprint\\":null,'
-    '\\"provenance\\":{\\"algorithm\\":\\"hand\\"}}"},'
+    '\\"provenance\\":{\\"algorithm\\":\\"hand\\"}}",'
+    # each tensor's SHA-256 (of the data slices below, computed independently with hashlib)
+    '"sha256":"{\\"model.layers.0.mlp.down_proj.weight.values\\":'
+    '\\"a75294174934fcb16c03ce056ec3726081a6f3baff150c56f9a48b5a5db4415f\\",'
+    '\\"model.norm.weight.dense\\":\\"d5635152c4a91420c6a5649eb835d1ca5ab52243fd64e489f623d016e7f65c66\\",'
+    '\\"model.layers.0.mlp.down_proj.weight.bitmap\\":'
+    '\\"3e23e8160039594a33894f6564e1b1348bbd7a0088d42c4acb73eeaed59c009d\\"}"},'
     '"model.layers.0.mlp.down_proj.weight.values":{"dtype":"F32","shape":[3],"data_offsets":[0,12]},'
     '"model.norm.weight.dense":{"dtype":"BF16","shape":[3],"data_offsets":[12,18]},'
     '"model.layers.0.mlp.down_proj.weight.bitmap":{"dtype":"U8","shape":[1],"data_offsets":[18,19]}}'
@@ -91,7 +97,7 @@ def test_a_fixed_delta_is_written_as_these_exact_v1_1_bytes(tmp_path):
     metadata, tensors = _split(header.rstrip(" "))
     golden_metadata, golden_tensors = _split(golden)
     assert tensors == golden_tensors  # every entry, its order, dtypes, shapes, offsets
-    assert metadata == golden_metadata  # the three keys, whatever order the HashMap gave them
+    assert metadata == golden_metadata  # the four keys, whatever order the HashMap gave them
     assert metadata["delta_config"] == golden_metadata["delta_config"]  # our JSON, byte for byte
     assert raw[8 + n :] == bytes.fromhex(GOLDEN_DATA), hashlib.sha256(raw).hexdigest()
 

@@ -440,3 +440,63 @@ def test_truncated_file(single):
     file.write_bytes(file.read_bytes()[:-3])
     with pytest.raises(DeltaFormatError, match="but the data region has only"):
         load_delta(single)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tensors' checksums (header metadata "sha256")
+
+
+def _edit_checksums(path: Path, change) -> None:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    change(header["__metadata__"])
+    head = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + raw[8 + n :])
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda m: m.update(sha256="{not json"), r"'sha256' must be a JSON object .* not valid JSON"),
+        (
+            lambda m: m.update(sha256='["00"]'),
+            r"'sha256' must be a JSON object mapping each tensor to 64 hex",
+        ),
+        (
+            lambda m: m.update(sha256=json.dumps(dict.fromkeys(json.loads(m["sha256"]), "ABC"))),
+            r"'sha256' must be a JSON object mapping each tensor to 64 hex digits",
+        ),
+        (
+            lambda m: m.update(sha256=json.dumps({**json.loads(m["sha256"]), "ghost.values": "0" * 64})),
+            r"'sha256' does not match the tensors \(digests of absent tensors \['ghost.values'\]\)",
+        ),
+        (
+            lambda m: m.update(sha256=json.dumps(dict(list(json.loads(m["sha256"]).items())[1:]))),
+            r"'sha256' does not match the tensors \(none for \['",
+        ),
+    ],
+)
+def test_malformed_checksums_are_refused(single, change, match):
+    _edit_checksums(single / "delta.safetensors", change)
+    with pytest.raises(DeltaFormatError, match=match):
+        load_delta(single)
+
+
+def test_a_swapped_checksum_names_the_tensor(single):
+    def swap(meta):
+        digests = json.loads(meta["sha256"])
+        a, b = list(digests)[:2]
+        digests[a], digests[b] = digests[b], digests[a]
+        meta["sha256"] = json.dumps(digests)
+
+    _edit_checksums(single / "delta.safetensors", swap)
+    with pytest.raises(DeltaFormatError, match=r"tensor '.+' does not match the SHA-256 its writer recorded"):
+        load_delta(single)
+
+
+def test_files_without_checksums_still_load(single, tmp_path):
+    # Format 1.0 files and other writers' record none: nothing to verify, every other check as before.
+    expected = load_delta(single)
+    _edit_checksums(single / "delta.safetensors", lambda m: m.pop("sha256"))
+    assert load_delta(single).equal(expected)

@@ -12,8 +12,10 @@ uses it); :func:`load_delta` turns the result into a :class:`~deltahub.SparseDel
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,7 @@ from .config import RESAVE, DeltaConfig, ParamSpec, is_int, parse_config
 from .header import Header, TensorEntry, parse_json, read_header
 from .spec import (
     BITMAP,
+    CHECKSUM_KEY,
     CONFIG_FILE,
     DENSE,
     ESCAPES,
@@ -93,6 +96,44 @@ def _header_agrees(header: Header, label: str, obj: dict[str, Any], problems: li
                 f"{label}: header metadata says {key} {header.metadata[key]!r} but the config says "
                 f"{obj.get(key)!r}; the files come from different saves: {RESAVE}"
             )
+    _checksums(header, label, problems)
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _checksums(header: Header, label: str, problems: list[str]) -> dict[str, str] | None:
+    """The header's per-tensor SHA-256 digests (``spec.CHECKSUM_KEY``), or None where the writer recorded none
+    (format 1.0, other writers). When present they must name exactly the file's tensors."""
+    text = header.metadata.get(CHECKSUM_KEY)
+    if text is None:
+        return None
+    bad = f"{label}: header metadata {CHECKSUM_KEY!r} must be a JSON object mapping each tensor to 64 hex digits"
+    try:
+        digests = parse_json(text)
+    except (ValueError, RecursionError):
+        problems.append(f"{bad}; it is not valid JSON: {RESAVE}")
+        return None
+    if not isinstance(digests, dict) or not all(
+        isinstance(v, str) and _SHA256.fullmatch(v) for v in digests.values()
+    ):
+        problems.append(f"{bad}; {RESAVE}")
+        return None
+    if set(digests) != set(header.tensors):
+        missing, extra = (
+            sorted(set(header.tensors) - set(digests)),
+            sorted(set(digests) - set(header.tensors)),
+        )
+        said = "; ".join(
+            f"{what} {preview(names[:3])}{' and more' if len(names) > 3 else ''}"
+            for what, names in (("none for", missing), ("digests of absent tensors", extra))
+            if names
+        )
+        problems.append(
+            f"{label}: header metadata {CHECKSUM_KEY!r} does not match the tensors ({said}); {RESAVE}"
+        )
+        return None
+    return digests
 
 
 def _shard_names(index: object, problems: list[str]) -> tuple[list[str], dict[str, str] | None, int | None]:
@@ -211,6 +252,7 @@ class _File:
         self.header = header
         self._fd = open_regular(path)  # not os.open alone: a FIFO swapped in since the header was read blocks
         self._data_start = header.data_start
+        self._digests = _checksums(header, label, [])  # checked (and reported) by _header_agrees already
 
     def read(self, key: str) -> np.ndarray | str:
         """The tensor as a 1-D numpy array (reshape with :meth:`shape`), or why it could not be read."""
@@ -226,6 +268,11 @@ class _File:
             if got == 0:
                 return f"file shrank while tensor {key!r} was read; re-download or {RESAVE}"
             done += got
+        if self._digests is not None and hashlib.sha256(view).hexdigest() != self._digests[key]:
+            return (
+                f"tensor {key!r} does not match the SHA-256 its writer recorded: the file was damaged or altered "
+                f"after it was saved; re-download it or {RESAVE}"
+            )
         return out
 
     def code(self, key: str) -> str:

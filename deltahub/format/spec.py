@@ -58,6 +58,10 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 # The same ceiling safetensors itself enforces; checked before reading the header so a lying length field
 # cannot make us allocate more than this (and never more than the file holds).
 MAX_HEADER_SIZE = 100_000_000
+# Header metadata key of the tensors' SHA-256 digests (a JSON object: tensor key -> 64 hex digits). Optional:
+# format 1.1's writer records it and every reader checks it when present, so a flipped bit that leaves positions
+# and values in range (and so passes every structural check) is still refused.
+CHECKSUM_KEY = "sha256"
 
 # The safetensors dtype codes the format can contain, with their item size (no torch here: the streaming merge
 # reads deltas without importing it): a subset of the one table in _dtypes.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -19,6 +20,7 @@ from .config import build_config, config_text, dumps
 from .spec import (
     BITMAP,
     CARD_FILE,
+    CHECKSUM_KEY,
     CONFIG_FILE,
     DEFAULT_MAX_SHARD_SIZE,
     DENSE,
@@ -131,24 +133,28 @@ def write_safetensors(
     Written directly rather than through ``safetensors``: numpy has no bfloat16 (its values travel as raw
     uint16 bits under the ``BF16`` code), and the file then honours the umask like any file the user creates.
     Wider items come first (stable), so every tensor starts at a multiple of its item size, as safetensors'
-    own writer guarantees.
+    own writer guarantees. ``metadata`` gains each tensor's SHA-256 under ``spec.CHECKSUM_KEY``.
     """
     order = sorted(tensors, key=lambda k: -ST_ITEMSIZE[tensors[k][0]])
-    header: dict[str, object] = {"__metadata__": metadata}
+    arrays = {key: np.ascontiguousarray(tensors[key][2]) for key in order}
+    digests = {key: hashlib.sha256(memoryview(arrays[key]).cast("B")).hexdigest() for key in order}
+    header: dict[str, object] = {
+        "__metadata__": {**metadata, CHECKSUM_KEY: json.dumps(digests, separators=(",", ":"))}
+    }
     offset = 0
     for key in order:
-        code, shape, array = tensors[key]
-        header[key] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
+        code, shape, _ = tensors[key]
+        nbytes = arrays[key].nbytes
+        header[key] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)  # the data region starts 8-byte aligned
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
         for key in order:
-            array = tensors[key][2]
-            if array.nbytes:
-                f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+            if arrays[key].nbytes:
+                f.write(memoryview(arrays[key]).cast("B"))
     return offset
 
 
