@@ -116,6 +116,21 @@ def test_train_on_a_missing_base(tmp_path, base):
     assert not (tmp_path / "delta").exists()
 
 
+@pytest.mark.parametrize("missing", ["everything", "tokenizer"])
+def test_train_on_a_folder_that_is_not_a_saved_model(tmp_path, model, missing):
+    (tmp_path / "data.txt").write_text("some text to train on\n" * 20)
+    folder = tmp_path / "base"
+    folder.mkdir()
+    if missing == "tokenizer":  # the model alone, as model.save_pretrained leaves it
+        (folder / "config.json").write_bytes((model[1] / "config.json").read_bytes())
+        expected = "no tokenizer in './base': the folder has none of tokenizer.json"
+    else:
+        expected = "no model in './base': the folder has no config.json"
+    proc = deltahub("train", "./base", "data.txt", "--out", "delta", "--steps", "1", cwd=tmp_path)
+    one_error(proc, 3, expected)
+    assert not (tmp_path / "delta").exists()
+
+
 def test_the_exit_codes_are_documented():
     proc = subprocess.run(
         [sys.executable, "-m", "deltahub.cli", "--help"], capture_output=True, text=True, timeout=120

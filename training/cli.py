@@ -12,6 +12,9 @@ import click
 
 from .run import resolve_device  # noqa: F401  (``--device``'s parser, here where the flag is)
 
+# What a saved tokenizer leaves in a folder (fast tokenizers, sentencepiece, BPE and WordPiece vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
 
 @click.command()
 @click.argument("base")
@@ -202,6 +205,17 @@ def train(
         # Checked before transformers sees it: from_pretrained would try it as a Hub id and fail in 40 lines.
         raise PathNotFoundError(
             f"no model folder at {base!r}: `base` must be a local folder written by save_pretrained"
+        )
+    # Also before transformers: its errors for an empty folder or a missing tokenizer run to many lines.
+    if not (Path(base) / "config.json").is_file():
+        raise PathNotFoundError(
+            f"no model in {base!r}: the folder has no config.json; `base` must be a folder written by the "
+            "model's save_pretrained (and its tokenizer's)"
+        )
+    if not any((Path(base) / name).is_file() for name in TOKENIZER_FILES):
+        raise PathNotFoundError(
+            f"no tokenizer in {base!r}: the folder has none of {', '.join(TOKENIZER_FILES)}; save the base's "
+            "tokenizer there too (tokenizer.save_pretrained(base))"
         )
     for given, what in ((dataset, "dataset"), (eval_file, "eval_file")):
         if given is not None and not given.is_file():
