@@ -12,7 +12,6 @@ broken by parameter order (names sorted with numbers compared as numbers, so ``l
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -28,6 +27,7 @@ from .delta import ParamDelta, SparseDelta
 from .errors import ArgumentTypeError, ExtractionError, InvalidArgumentError
 from .fingerprint import tensor_samples
 from .identity import model_identity, parse_model_id
+from .magnitude_budget import check_budget, entries_for, positions_above, threshold_of
 
 ModelLike = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike | TensorSource
 _FLOATING = frozenset(BASE_DTYPES.values())
@@ -75,7 +75,9 @@ def extract_delta(
         >>> delta = extract_delta("models/llama-base", "models/llama-sft", density=0.01, scope="global")
         >>> save_delta(delta, "deltas/llama-sft-1pct")
     """
-    budget = _check_options(density, num, scope, on_mismatch)
+    budget = check_budget(density, num, scope)
+    if on_mismatch not in ("error", "skip"):
+        raise InvalidArgumentError(f"on_mismatch must be 'error' or 'skip'; got {on_mismatch!r}")
     values_dtype = parse_dtype(values_dtype, allowed=VALUE_DTYPES, what="values_dtype")
     match = _matcher(include)
     base_src, ft_src = as_tensor_source(base), None
@@ -85,10 +87,10 @@ def extract_delta(
         sizes = {n: math.prod(base_src.shape(n)) for n in names}
         total = sum(sizes.values())
         if scope == "global":
-            k = min(_budget(budget, total, total), total)
+            k = min(entries_for(budget, total, total), total)
             params, fingerprint = _extract_global(base_src, ft_src, sizes, k, values_dtype, progress)
         else:
-            ks = {n: min(_budget(budget, size, total), size) for n, size in sizes.items()}
+            ks = {n: min(entries_for(budget, size, total), size) for n, size in sizes.items()}
             params, fingerprint = _extract(base_src, ft_src, ks, None, values_dtype, progress, "extract")
     finally:
         # Close only what we opened: a Checkpoint passed in belongs to the caller.
@@ -127,35 +129,6 @@ def _identity(given: ModelLike, source: TensorSource) -> tuple[str | None, str |
             getattr(given, "name_or_path", None) or None, getattr(config, "_commit_hash", None)
         )
     return source.model_id, None
-
-
-def _check_options(density: Any, num: Any, scope: str, on_mismatch: str) -> tuple[str, float | int]:
-    if (density is None) == (num is None):
-        raise InvalidArgumentError(
-            f"give exactly one of density (a fraction in (0, 1]) or num (a number of entries); got "
-            f"density={density!r}, num={num!r}"
-        )
-    if scope not in ("parameter", "global"):
-        raise InvalidArgumentError(f"scope must be 'parameter' or 'global'; got {scope!r}")
-    if on_mismatch not in ("error", "skip"):
-        raise InvalidArgumentError(f"on_mismatch must be 'error' or 'skip'; got {on_mismatch!r}")
-    if density is not None:
-        if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
-            raise InvalidArgumentError(
-                f"density must be a fraction in (0, 1], e.g. 0.01 for 1%; got {density!r}"
-            )
-        return "density", float(density)
-    if isinstance(num, bool) or not isinstance(num, numbers.Integral) or num <= 0:
-        raise InvalidArgumentError(f"num must be a positive integer number of entries; got {num!r}")
-    return "num", int(num)
-
-
-def _budget(budget: tuple[str, float | int], size: int, total: int) -> int:
-    kind, amount = budget
-    if kind == "density":
-        return round(amount * size)
-    # Integer arithmetic: a float product would misround for counts beyond 2**53.
-    return int(amount) * size // total if total else 0
 
 
 def _matcher(include: Any) -> Callable[[str], bool]:
@@ -240,22 +213,6 @@ def _abs_diff(base_t: torch.Tensor, ft_t: torch.Tensor) -> torch.Tensor:
     return diff.abs_()
 
 
-def _threshold(mag: torch.Tensor, k: int) -> tuple[float, int]:
-    """The k-th largest magnitude and how many entries equal to it the top k include."""
-    top = torch.topk(mag, k, sorted=False).values
-    t = top.min()
-    return float(t), k - int((top > t).sum())
-
-
-def _positions(mag: torch.Tensor, threshold: float, ties: int) -> torch.Tensor:
-    """Sorted flat positions above ``threshold``, plus the first ``ties`` positions equal to it (none at zero:
-    an exact zero is no change)."""
-    keep = mag > threshold
-    if ties > 0 and threshold > 0:
-        keep[torch.nonzero(mag == threshold).flatten()[:ties]] = True
-    return torch.nonzero(keep).flatten()
-
-
 def _extract(
     base: TensorSource,
     ft: TensorSource,
@@ -278,10 +235,10 @@ def _extract(
             if not bool(torch.isfinite(mag).all()):
                 bad.append(name)
                 continue
-            threshold, ties = _threshold(mag, k)
+            threshold, ties = threshold_of(mag, k)
         else:
             threshold, ties = cut[0], ties_left
-        idx = _positions(mag, threshold, ties)
+        idx = positions_above(mag, threshold, ties)
         if cut is not None and threshold > 0:
             ties_left -= int((mag[idx] == threshold).sum())
         del mag

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from ..delta import ParamDelta, SparseDelta
 from ..errors import ConversionError
-from ..extract import _positions, _threshold
 from ..fingerprint import tensor_samples
+from ..magnitude_budget import check_budget, entries_for, positions_above, threshold_of
 from .base import BaseLike, base_tensor, open_base
 from .detect import read_adapter_config
 from .peft_files import read_adapter
@@ -117,13 +117,10 @@ def convert_lora(
     values_dtype: torch.dtype | None,
     progress: bool,
 ) -> SparseDelta:
-    from ..extract import _budget, _check_options
-
-    budget = _check_options(density, num, scope, "error")
+    budget = check_budget(density, num, scope)
     what = f"the LoRA adapter {folder}"
-    _check_config(
-        read_adapter_config(folder), what
-    )  # a variant that is not additive: refused before any reading
+    # a variant that is not additive: refused before any reading
+    _check_config(read_adapter_config(folder), what)
     config, modules, replaced = read_adapter(folder, _KEY, what, drop_head=drop_head, kept="the LoRA modules")
     incomplete = sorted(m for m, p in modules.items() if len(p) != 2)
     if incomplete:
@@ -142,7 +139,7 @@ def convert_lora(
 
         cut = None
         if scope == "global":  # pass 1: the k-th largest magnitude over all modules, from a running top-k
-            k = min(_budget(budget, total, total), total)
+            k = min(entries_for(budget, total, total), total)
             running = torch.empty(0)
             for m in modules:
                 mag = dense_of(m).reshape(-1).abs()
@@ -158,12 +155,12 @@ def convert_lora(
             flat = dense_of(m).reshape(-1)
             mag = flat.abs()
             if cut is None:
-                k = min(_budget(budget, sizes[m], total), sizes[m])
-                threshold, ties = _threshold(mag, k) if k else (math.inf, 0)
+                k = min(entries_for(budget, sizes[m], total), sizes[m])
+                threshold, ties = threshold_of(mag, k) if k else (math.inf, 0)
             else:
                 threshold, ties = cut
             idx = (
-                _positions(mag, threshold, ties)
+                positions_above(mag, threshold, ties)
                 if math.isfinite(threshold)
                 else torch.empty(0, dtype=torch.int64)
             )
