@@ -333,7 +333,6 @@ def apply_inputs(
         return combine_param(spec, options, name, delta_list, weight_list)
 
     # Tied parameters: several names, one tensor. Apply once; two different deltas for one tensor is an error.
-    # Tied parameters: several names, one tensor. Apply once; two different deltas for one tensor is an error.
     groups = tied_groups((name, tensors[name]) for name in names)
     check_tied(groups, change_of)
     # One parameter at a time: its combined entries exist only while it is being changed.
