@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from .errors import InvalidArgumentError
+from .hub_ids import COMMIT_SHA
 
 TIMEOUT_ENV = "DELTAHUB_HUB_TIMEOUT"
 DEFAULT_TIMEOUT = 30.0
 
-COMMIT = re.compile(r"[0-9a-f]{40}")
 # A blob name in the cache: the Hub sends git sha1s and sha256s; anything without a separator or a dot is safe.
 _ETAG = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _SIZE = re.compile(r"\d{1,18}")
@@ -78,7 +78,7 @@ def check_revision(revision: object) -> None:
 
 
 def check_commit(value: object, what: str) -> str:
-    if not isinstance(value, str) or not COMMIT.fullmatch(value):
+    if not isinstance(value, str) or not COMMIT_SHA.fullmatch(value):
         raise UntrustedAnswer(f"{what} {str(value)[:60]!r}, which is not a commit sha (40 hex digits)")
     return value
 

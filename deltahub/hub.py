@@ -12,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -35,13 +34,11 @@ from .errors import (
 from .format import load_delta, save_delta
 from .format.spec import CARD_FILE, CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from .hub_errors import hub_endpoint, hub_errors
-from .hub_ids import check_repo_id, is_ref, parse_ref
+from .hub_ids import COMMIT_SHA, check_repo_id, is_ref, parse_ref
 from .publish import check_no_local_paths, existing_card_metadata, scrub_for_upload
 
 # What a delta repo may hold that deltahub reads or writes. Shards follow `spec.SHARD_PATTERN`.
 DELTA_FILE_PATTERNS = [CONFIG_FILE, SINGLE_FILE, INDEX_FILE, "delta-*-of-*.safetensors", CARD_FILE]
-
-_SHA = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -171,7 +168,7 @@ def push_delta(
 
     check_repo_id(repo_id)
     branch = revision or "main"
-    if _SHA.fullmatch(branch):
+    if COMMIT_SHA.fullmatch(branch):
         raise InvalidArgumentError(
             f"cannot push to {repo_id}@{branch}: a commit sha is not a branch; pass a branch name"
         )

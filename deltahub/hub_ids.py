@@ -17,6 +17,8 @@ from .errors import InvalidRepoIdError
 _PART = r"(?:[A-Za-z0-9_]|[A-Za-z0-9_][A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])"
 _NAMESPACED = re.compile(rf"{_PART}/{_PART}", re.ASCII)
 _ANY = re.compile(rf"(?:{_PART}/)?{_PART}", re.ASCII)
+# A full commit id as the Hub names one (a branch or tag is anything else).
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 REF_HELP = "expected a Hub repo id like 'org/name' or 'org/name@revision' (a branch, tag or commit sha)"
 
 

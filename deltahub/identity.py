@@ -15,11 +15,11 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from .errors import InvalidRepoIdError
+from .hub_ids import COMMIT_SHA
 
 # The HF cache lays repos out as <cache>/models--<org>--<name>/snapshots/<commit>/...; repo ids never contain
 # "--", so the folder name maps back to exactly one id.
 _CACHE_REPO = re.compile(r"models--(?P<repo>.+)")
-_SHA = re.compile(r"[0-9a-f]{40}")
 _REF_HELP = "expected a Hub model id like 'org/name' or 'org/name@revision' (a branch, tag or commit sha)"
 
 
@@ -33,7 +33,7 @@ def hf_cache_ref(path: str | os.PathLike[str]) -> tuple[str, str] | None:
     parts = PurePath(os.fspath(path)).parts
     for i in range(len(parts) - 2):
         match = _CACHE_REPO.fullmatch(parts[i])
-        if match and parts[i + 1] == "snapshots" and _SHA.fullmatch(parts[i + 2]):
+        if match and parts[i + 1] == "snapshots" and COMMIT_SHA.fullmatch(parts[i + 2]):
             repo_id = match.group("repo").replace("--", "/")
             if is_hub_id(repo_id):
                 return repo_id, parts[i + 2]

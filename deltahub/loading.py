@@ -8,7 +8,6 @@ is the file reader underneath: local paths only.)
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from .delta import SparseDelta
@@ -20,8 +19,7 @@ from .errors import (
     PathNotFoundError,
     UnconvertedAdapterError,
 )
-
-_SHA = re.compile(r"[0-9a-f]{40}")
+from .hub_ids import COMMIT_SHA
 
 
 def load_delta(
@@ -114,7 +112,7 @@ def _from_hub(repo_id, revision, cache_dir, token, local_files_only, endpoint) -
     from .format.spec import CONFIG_FILE
     from .hub import _snapshot
 
-    if revision is not None and _SHA.fullmatch(revision) and not local_files_only:
+    if revision is not None and COMMIT_SHA.fullmatch(revision) and not local_files_only:
         # A commit never changes: when the cache has it, asking the Hub again would only cost a round trip.
         cached = try_to_load_from_cache(repo_id, CONFIG_FILE, cache_dir=cache_dir, revision=revision)
         if isinstance(cached, str):
