@@ -157,8 +157,6 @@ def validate_inputs(
         ValueError: the weights do not pair up with the deltas, or no delta was given.
         DeltaFormatError, FileNotFoundError, HubError, UnconvertedAdapterError: loading a delta failed.
     """
-    from .loading import load_delta
-
     args = check_arguments(
         deltas,
         weights=weights,
@@ -167,6 +165,14 @@ def validate_inputs(
         force=force,
         allow_empty=allow_empty,
     )
+    return load_inputs(args)
+
+
+def load_inputs(args: CallArguments) -> DeltaInputs:
+    """The deltas of arguments :func:`check_arguments` accepted, loaded (what :func:`validate_inputs` does after
+    checking)."""
+    from .loading import load_delta
+
     loaded = tuple(d if _is_delta(d) else load_delta(d) for d in args.items)
     return DeltaInputs(loaded, args.weights, args.method, args.options, args.force)
 

@@ -38,7 +38,7 @@ from .._dtypes import dtype_name
 from ..basecheck import check_base, common_base
 from ..errors import InvalidArgumentError, OutOfSpaceError
 from ..format.spec import parse_size
-from ..inputs import DeltaSource, check_arguments, describe, validate_inputs
+from ..inputs import DeltaSource, check_arguments, describe, load_inputs
 from .base import BaseFiles, resolve_model
 from .card import model_card
 from .config import DeltaEntry, MergeConfig
@@ -141,9 +141,7 @@ def merge(
         )
         if result is not None:
             return result
-    inputs = validate_inputs(
-        deltas, weights=weights, method=method, method_options=method_options, force=force
-    )
+    inputs = load_inputs(args)
     delta_list, weight_list, options = list(inputs.deltas), list(inputs.weights), dict(inputs.options)
     method = inputs.method
     shared = common_base(delta_list, force=force)
