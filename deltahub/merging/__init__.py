@@ -42,7 +42,7 @@ from ..inputs import DeltaSource, check_arguments, describe, load_inputs
 from .base import BaseFiles, resolve_model
 from .card import model_card
 from .config import DeltaEntry, MergeConfig
-from .plan import DeltaInfo, MergePlan, MergeResult, shard_layout
+from .plan import DeltaInfo, MergePlan, MergeResult, TensorPlan, shard_layout
 from .write import combined, write_folder, write_shards
 
 if TYPE_CHECKING:  # torch is imported inside merge() only when the fast path does not apply
@@ -162,22 +162,9 @@ def merge(
             users.setdefault(base_files.aliases.get(n, n), []).append(n)
         _check_tied(users, delta_list, weight_list, method, options)
         tensors, shards = shard_layout(base_files, out_dtype, max_bytes, users)
-        if base_id == str(base) and base_files.config and base_files.config.get("_name_or_path"):
-            base_id = base_files.config["_name_or_path"]
-        plan = MergePlan(
-            base=base_id,
-            base_revision=base_revision,
-            deltas=[
-                _delta_info(d, i, w) for i, (d, w) in enumerate(zip(delta_list, weight_list, strict=True))
-            ],
-            method=method,
-            options=options,
-            dtype=out_dtype,
-            tensors=tensors,
-            shards=shards,
-            out=out,
-        )
-        plan.config = _config(plan, max_shard_size)
+        base_id = _base_name(base, base_id, base_files.config)
+        plan = _plan(base_id, base_revision, delta_list, weight_list, method, options, out_dtype, tensors, shards,
+                     out, max_shard_size)  # fmt: skip
         if dry_run:
             if len(delta_list) > 1:
                 from ..overlap import overlap_inputs
@@ -195,6 +182,42 @@ def merge(
     finally:
         base_files.close()
     return MergeResult(plan, out, nnz)
+
+
+def _base_name(base: object, base_id: str, config: Mapping[str, Any] | None) -> str:
+    """What the merged model names as its base: the Hub id, or for a local folder the id its config records."""
+    if base_id == str(base) and config and config.get("_name_or_path"):
+        return config["_name_or_path"]
+    return base_id
+
+
+def _plan(
+    base_id: str,
+    base_revision: str | None,
+    deltas: Sequence[Any],
+    weights: Sequence[float],
+    method: str,
+    options: Mapping[str, Any],
+    dtype: torch.dtype | None,
+    tensors: list[TensorPlan],
+    shards: dict[str, int],
+    out: Path,
+    max_shard_size: int | str,
+) -> MergePlan:
+    """The merge's plan and its merge.yaml (both paths; ``deltas`` SparseDelta or the fast path's RawDelta)."""
+    plan = MergePlan(
+        base=base_id,
+        base_revision=base_revision,
+        deltas=[_delta_info(d, i, w) for i, (d, w) in enumerate(zip(deltas, weights, strict=True))],
+        method=method,
+        options=dict(options),
+        dtype=dtype,
+        tensors=tensors,
+        shards=shards,
+        out=out,
+    )
+    plan.config = _config(plan, max_shard_size)
+    return plan
 
 
 def _card(

@@ -199,7 +199,7 @@ def fast_merge(
 ) -> MergeResult | None:
     """:func:`deltahub.merging.merge` for an :func:`eligible` merge; None where the base needs the torch path
     (a delta names a tied tensor the checkpoint stores under another name: resolving that needs the model)."""
-    from . import _card, _check_out, _config, _delta_info
+    from . import _base_name, _card, _check_out, _plan
 
     # The card, written last, needs huggingface_hub's card module (0.25 s to import): import it meanwhile.
     threading.Thread(target=importlib.import_module, args=("huggingface_hub.repocard",), daemon=True).start()
@@ -214,20 +214,9 @@ def fast_merge(
         _check_out(out, base_folder)
         check_base(deltas, base_files, force=force)
         tensors, shards = shard_layout(base_files, None, max_bytes, {n: [n] for n in wanted})
-        if base_id == str(base) and base_files.config and base_files.config.get("_name_or_path"):
-            base_id = base_files.config["_name_or_path"]
-        plan = MergePlan(
-            base=base_id,
-            base_revision=base_revision,
-            deltas=[_delta_info(d, i, w) for i, (d, w) in enumerate(zip(deltas, weights, strict=True))],
-            method=method,
-            options=dict(options),
-            dtype=None,
-            tensors=tensors,
-            shards=shards,
-            out=out,
-        )
-        plan.config = _config(plan, max_shard_size)
+        base_id = _base_name(base, base_id, base_files.config)
+        plan = _plan(base_id, base_revision, deltas, weights, method, options, None, tensors, shards, out,
+                     max_shard_size)  # fmt: skip
         nnz = write_folder(
             plan,
             base_folder,
