@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from ._cbuild import build_library, find_compiler
 
 SOURCE = Path(__file__).with_name("csrc") / "sparse_sum.c"
 # -ffp-contract=off: a fused multiply-add would round once where torch rounds twice (product, then sum).
@@ -37,40 +35,16 @@ DTYPES = {"float32": 0, "bfloat16": 1, "float16": 2, "float64": 3}
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("DELTAHUB_CACHE") or Path.home() / ".cache" / "deltahub")
-
-
-def _compile(compiler: str, target: Path) -> None:
-    """Build into a temporary file and rename: concurrent processes never load a half-written library."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        os.replace(built, target)
-
-
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, built on first use; None where it cannot be built (callers then use torch)."""
     if os.environ.get("DELTAHUB_NATIVE", "1") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = find_compiler()
     if compiler is None:
         return None
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join((compiler, *FLAGS, platform.machine(), platform.node())).encode()
-    ).hexdigest()[:16]
-    target = _cache_dir() / "kernels" / f"sparse_sum-{key}.so"
     try:
-        if not target.exists():
-            _compile(compiler, target)
-        lib = ctypes.CDLL(str(target))
+        lib = build_library(SOURCE, compiler, FLAGS, libs=("-lm",))
     except (OSError, subprocess.CalledProcessError):
         return None
     fn = lib.deltahub_sum_apply

@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shutil
 import subprocess
 import warnings
 from pathlib import Path
 
 import torch
 
-from deltahub._atomic import atomic_file
-from deltahub.cache import cache_dir
+from deltahub._cbuild import build_library, find_compiler
 
 SOURCE = Path(__file__).with_name("csrc") / "sddmm.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -38,35 +34,18 @@ _ARGTYPES = [
 ]  # fmt: skip
 
 
-def _compile(compiler: str, target: Path) -> None:
-    """Build into a temporary file and rename: concurrent processes (DDP ranks) never load a half-written one."""
-
-    def build(path: Path) -> None:
-        subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(path)], check=True, capture_output=True, text=True
-        )
-
-    atomic_file(target, build)
-
-
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, building it on first use; None (after one warning) where it cannot be built."""
     if os.environ.get("DELTAHUB_SDDMM_KERNEL", "1") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = find_compiler()
     problem = None
     if compiler is None:
         problem = "no C compiler (cc/gcc) on PATH"
     else:
-        key = hashlib.sha256(
-            SOURCE.read_bytes() + " ".join((compiler, *FLAGS, platform.machine(), platform.node())).encode()
-        ).hexdigest()[:16]
-        target = cache_dir() / "kernels" / f"sddmm-{key}.so"
         try:
-            if not target.exists():
-                _compile(compiler, target)
-            lib = ctypes.CDLL(str(target))
+            lib = build_library(SOURCE, compiler, FLAGS)
         except (OSError, subprocess.CalledProcessError) as err:
             detail = getattr(err, "stderr", "") or str(err)
             problem = f"building {SOURCE.name} with {compiler} failed: {detail.strip()[:500]}"
