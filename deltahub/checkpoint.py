@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -87,13 +87,7 @@ class Checkpoint(Mapping[str, "torch.Tensor"]):
         wanted: dict[str, set[str]] = {}
         for name, file in weight_map.items():
             wanted.setdefault(file, set()).add(name)
-        missing = [f for f in wanted if not (folder / f).is_file()]
-        if missing:
-            raise CheckpointError(
-                f"checkpoint {self.path} is incomplete: its index names {len(missing)} shard(s) that are not in "
-                f"{folder}: {sorted(missing)}. Download or copy the missing shards (an interrupted download "
-                "leaves exactly this)"
-            )
+        check_shards_present(self.path, folder, wanted)
         problems = []
         for file, names in sorted(wanted.items()):
             handle = self._open(file)
@@ -115,13 +109,7 @@ class Checkpoint(Mapping[str, "torch.Tensor"]):
             raise CheckpointError(
                 f"checkpoint {self.path} does not match its index:\n  - " + "\n  - ".join(problems)
             )
-        config_path = folder / CONFIG_NAME
-        self.config: dict[str, Any] | None = None
-        if config_path.is_file():
-            try:
-                self.config = json.loads(config_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as err:
-                raise CheckpointError(f"cannot parse {config_path}: {err}") from err
+        self.config = read_model_config(folder)
         self.model_id: str | None = ((self.config or {}).get("_name_or_path") or None) or str(self.path)
 
     def _open(self, file: str) -> Any:
@@ -179,6 +167,28 @@ class Checkpoint(Mapping[str, "torch.Tensor"]):
         return f"Checkpoint({str(self.path)!r}, tensors={len(self)}, files={len(self.files)})"
 
 
+def check_shards_present(path: Path, folder: Path, files: Iterable[str]) -> None:
+    """Raise with the fix when shard files the index of checkpoint ``path`` names are not in ``folder``."""
+    missing = sorted(f for f in files if not (folder / f).is_file())
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: its index names {len(missing)} shard(s) that are not in "
+            f"{folder}: {missing}. Download or copy the missing shards (an interrupted download leaves exactly "
+            "this)"
+        )
+
+
+def read_model_config(folder: Path) -> dict[str, Any] | None:
+    """The parsed ``config.json`` next to a checkpoint's weights, or None where there is none."""
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot parse {path}: {err}") from err
+
+
 def _locate(path: Path) -> tuple[Path, dict[str, str]]:
     """The folder holding the weights and ``{tensor name: file name}``; raises with the fix when unreadable."""
     if not path.exists():
@@ -191,14 +201,14 @@ def _locate(path: Path) -> tuple[Path, dict[str, str]]:
         raise PathNotFoundError(f"no checkpoint at {str(path)!r}{hint}")
     if path.is_file():
         if path.name.endswith(".json"):
-            return path.parent, _read_index(path)
+            return path.parent, read_index(path)
         if path.suffix == ".safetensors":
             return path.parent, dict.fromkeys(_header_names(path), path.name)
         if path.suffix in _PICKLE_SUFFIXES:
             raise CheckpointError(f"{path} is a pickle checkpoint. {_CONVERT_HINT}")
         raise CheckpointError(f"{path} is not a .safetensors file or a safetensors index JSON")
     if (path / INDEX_NAME).is_file():
-        return path, _read_index(path / INDEX_NAME)
+        return path, read_index(path / INDEX_NAME)
     if (path / WEIGHTS_NAME).is_file():
         return path, dict.fromkeys(_header_names(path / WEIGHTS_NAME), WEIGHTS_NAME)
     others = sorted(p.name for p in path.glob("*.safetensors"))
@@ -226,7 +236,7 @@ def _header_names(file: Path) -> list[str]:
         raise CheckpointError(f"cannot read {file} as safetensors: {err}") from err
 
 
-def _read_index(index: Path) -> dict[str, str]:
+def read_index(index: Path) -> dict[str, str]:
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:

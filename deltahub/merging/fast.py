@@ -17,7 +17,6 @@ ids, tied names the checkpoint stores under another name, or no C compiler for t
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
 import threading
@@ -32,7 +31,7 @@ import numpy as np
 from .. import native
 from .._dtypes import FLOATING_CODES, ST_ITEMSIZES, ST_NAMES
 from ..basecheck import check_base, common_base
-from ..checkpoint import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, _read_index
+from ..checkpoint import INDEX_NAME, WEIGHTS_NAME, check_shards_present, read_index, read_model_config
 from ..errors import CheckpointError, InvalidArgumentError
 from ..fingerprint import sample_positions
 from ..format.header import read_header
@@ -81,7 +80,7 @@ class FastBase:
     def __init__(self, folder: Path):
         self.folder = folder
         if (folder / INDEX_NAME).is_file():
-            weight_map = _read_index(folder / INDEX_NAME)
+            weight_map = read_index(folder / INDEX_NAME)
         elif (folder / WEIGHTS_NAME).is_file():
             weight_map = None
         else:
@@ -89,13 +88,7 @@ class FastBase:
                 f"{folder} has no model weights: expected {WEIGHTS_NAME}, or {INDEX_NAME} with its shards"
             )
         files = sorted(set(weight_map.values())) if weight_map is not None else [WEIGHTS_NAME]
-        missing = [f for f in files if not (folder / f).is_file()]
-        if missing:
-            raise CheckpointError(
-                f"checkpoint {folder} is incomplete: its index names {len(missing)} shard(s) that are not in "
-                f"{folder}: {missing}. Download or copy the missing shards (an interrupted download leaves "
-                "exactly this)"
-            )
+        check_shards_present(folder, folder, files)
         self.tensors: dict[str, _Stored] = {}
         self.weight_files = files
         problems: list[str] = []
@@ -117,13 +110,7 @@ class FastBase:
                 self.tensors[n] = _Stored(file, start + e.begin, e.end - e.begin, e.shape, Dtype(e.dtype))
         if problems:
             raise CheckpointError(f"checkpoint {folder} cannot be read:\n  - " + "\n  - ".join(problems))
-        config = folder / CONFIG_NAME
-        self.config: dict[str, Any] | None = None
-        if config.is_file():
-            try:
-                self.config = json.loads(config.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as err:
-                raise CheckpointError(f"cannot parse {config}: {err}") from err
+        self.config = read_model_config(folder)
         self.aliases: dict[str, str] = {}
         self._fds: dict[str, int] = {}
 
