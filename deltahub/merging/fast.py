@@ -35,7 +35,8 @@ from ..checkpoint import INDEX_NAME, WEIGHTS_NAME, check_shards_present, read_in
 from ..errors import CheckpointError, InvalidArgumentError
 from ..fingerprint import sample_positions
 from ..format.header import read_header
-from ..format.reader import RawDelta, RawParam, read_delta
+from ..format.params import RawParam
+from ..format.reader import RawDelta, read_delta
 from ..format.spec import CONFIG_FILE as CONFIG_FILE_DELTA
 from . import fast_methods
 from .base import LOOKAHEAD, resolve_model
